@@ -1,0 +1,1 @@
+"""Analyses of branched models: responses, activity, covariance, gradients, Hessians, decompositions, NAD."""

@@ -1,0 +1,49 @@
+"""The ``branchspec`` command: a thin layer that parses arguments and calls the library.
+
+Each command group lives in its own module here (``toy``, ``report``, ``demo``, ...), which defines
+``register(subparsers)``. Errors in the input end the command with one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from branchspec.errors import BranchspecError
+
+COMMANDS = ("toy", "report", "demo")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from branchspec import __version__
+
+    parser = Parser(prog="branchspec", description="Branch specialization and architecture disentanglement.")
+    parser.add_argument("--version", action="version", version=f"branchspec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"branchspec.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BranchspecError as err:
+        print(f"branchspec: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("branchspec: interrupted; what was finished is saved in the run directory.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Argument types and option groups shared by the command modules."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+
+def int_list(text: str) -> list[int]:
+    """``"2-30"``, ``"2,4,8"`` or ``"2-10,20"`` as a sorted list of distinct positive integers."""
+    values: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers or ranges such as 2-30 or 2,4,8")
+        lo = int(match.group(1))
+        hi = int(match.group(2) or lo)
+        if lo < 1 or hi < lo:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not an increasing range of positive integers")
+        values.update(range(lo, hi + 1))
+    return sorted(values)
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value

@@ -1,0 +1,1 @@
+"""Training: vectorized toy gradient descent; LightningModules for classification and class transfer."""
