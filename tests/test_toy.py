@@ -72,11 +72,14 @@ def test_sweep_writes_metrics_figures_and_report(tmp_path):
 
 
 def test_dynamics_records_every_branch_on_every_point(tmp_path):
-    cfg = ToyDynamicsConfig(examples=3, training=ToyTraining(steps=300), record_every=50)
+    cfg = ToyDynamicsConfig(examples=3, training=ToyTraining(steps=1500), record_every=250, pool=20)
     metrics = run_dynamics(cfg, tmp_path)
     data = np.load(tmp_path / "dynamics.npz")
-    assert data["responses"].shape == (7, 3, 2, 4) and list(data["steps"]) == [0, 50, 100, 150, 200, 250, 300]
+    assert data["responses"].shape == (7, 3, 2, 4) and list(data["steps"]) == [0, 250, 500, 750, 1000, 1250, 1500]
     assert np.asarray(metrics["final_responses"]).shape == (3, 2, 4)
+    solved = metrics["success"]
+    assert 0 < metrics["pool_success_rate"] < 1
+    assert list(solved) == sorted(solved, reverse=True)  # solved trials are shown first
     assert (tmp_path / "figures" / "fig2_dynamics.png").is_file()
 
 

@@ -25,6 +25,8 @@ def register(sub) -> None:
     _data_and_training(dyn)
     dyn.add_argument("--branches", type=positive_int, default=2, help="M (default: 2)")
     dyn.add_argument("--examples", type=positive_int, default=2, help="independent examples to show (default: 2)")
+    dyn.add_argument("--pool", type=positive_int, default=64,
+                     help="trials trained; the solved ones are shown first (default: 64)")
     dyn.add_argument("--record-every", type=positive_int, default=10, help="record every N steps (default: 10)")
     dyn.set_defaults(func=_dynamics)
 
@@ -60,7 +62,7 @@ def _dynamics(args) -> int:
     from branchspec.studies.toy import ToyDynamicsConfig, run_dynamics
 
     cfg = ToyDynamicsConfig(toy=args.toy, branches=args.branches, examples=args.examples, training=_training(args),
-                            seed=args.seed, record_every=args.record_every)
+                            seed=args.seed, record_every=args.record_every, pool=args.pool)
     run_dynamics(cfg, args.out)
     print(f"wrote {args.out}/figures/fig2_dynamics.png and {args.out}/report.html")
     return 0

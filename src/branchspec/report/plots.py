@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, panel: tuple[float, float] = (4.0, 3.2), **kw):
@@ -33,8 +34,12 @@ def heatmap(ax, matrix, *, title: str = "", symmetric: bool = True, cmap: str | 
         im = ax.imshow(matrix, cmap=cmap or "viridis", interpolation="nearest", aspect="auto")
     if xlabels is not None:
         ax.set_xticks(range(len(xlabels)), labels=list(xlabels), rotation=90, fontsize=7)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabels is not None:
         ax.set_yticks(range(len(ylabels)), labels=list(ylabels), fontsize=7)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

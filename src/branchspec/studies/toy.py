@@ -49,6 +49,7 @@ class ToyDynamicsConfig:
     training: ToyTraining = field(default_factory=ToyTraining)
     seed: int = 0
     record_every: int = 10
+    pool: int = 64  # trials trained; the solved ones are shown first
 
 
 def sweep_metrics(F: np.ndarray, F0: np.ndarray, y: np.ndarray) -> dict:
@@ -146,28 +147,37 @@ def _sweep_figures(run: RunDir, cfg: ToySweepConfig, data, trained: dict, per_m:
 
 
 def run_dynamics(cfg: ToyDynamicsConfig, out: str | RunDir) -> dict:
-    """Fig. 2: train ``examples`` models and plot each branch's response on each x_j over the steps."""
+    """Fig. 2: each branch's response on each x_j over the steps, for ``examples`` trials.
+
+    A pool of ``cfg.pool`` trials is trained and the solved ones are shown first (their order is the pool's).
+    """
     run = out if isinstance(out, RunDir) else RunDir(out)
     data = load_toyset(cfg.toy)
     cfg.training.check()
-    if cfg.branches < 1 or cfg.examples < 1 or cfg.record_every < 1:
-        raise BranchspecError("--branches, --examples and --record-every must be positive integers.")
+    if min(cfg.branches, cfg.examples, cfg.record_every, cfg.pool) < 1:
+        raise BranchspecError("--branches, --examples, --pool and --record-every must be positive integers.")
     run.write_config({"command": "toy dynamics", **to_plain(cfg), "data": {"x": data.x, "y": data.y}})
-    w, b = (torch.from_numpy(a) for a in initial_weights(cfg.branches, cfg.examples, cfg.training.init_std, cfg.seed))
+    # Train a pool of trials and show the solved ones first: Fig. 2 shows how a solution is reached.
+    pool = max(cfg.examples, cfg.pool)
+    w, b = (torch.from_numpy(a) for a in initial_weights(cfg.branches, pool, cfg.training.init_std, cfg.seed))
     x = torch.as_tensor(data.x)
     y = torch.as_tensor(data.y)
     w, b, history, steps = gd_torch(w, b, torch.ones_like(w), x, y, cfg.training, record_every=cfg.record_every)
-    H = history.numpy()  # [S, T, M, N]
+    sq_error_pool = ((history[-1].numpy().sum(1) - data.y) ** 2).sum(-1)
+    shown = np.argsort(sq_error_pool >= SUCCESS_THRESHOLD, kind="stable")[: cfg.examples]
+    H = history.numpy()[:, shown]  # [S, examples, M, N]
     final = H[-1]
-    sq_error = ((final.sum(1) - data.y) ** 2).sum(-1)
+    sq_error = sq_error_pool[shown]
     metrics = {
+        "pool_success_rate": float((sq_error_pool < SUCCESS_THRESHOLD).mean()),
+        "shown_trials": shown,
         "final_responses": final,
         "squared_error": sq_error,
         "success": sq_error < SUCCESS_THRESHOLD,
         "active_branches": active_mask(final).sum(-1),
     }
     run.write_metrics(metrics, merge=False)
-    atomic_save_npz(run.path / "dynamics.npz", {"steps": np.array(steps), "responses": H})
+    atomic_save_npz(run.path / "dynamics.npz", {"steps": np.array(steps), "responses": H, "trials": shown})
 
     m, n = cfg.branches, len(data.x)
     fig, axes = subplots(m + 1, cfg.examples, panel=(4.2, 2.2), sharex=True)
@@ -187,11 +197,12 @@ def run_dynamics(cfg: ToyDynamicsConfig, out: str | RunDir) -> dict:
         ax.set_xlabel("step")
         ax.set_xscale("symlog", linthresh=10)
         ax.grid(alpha=0.3)
-        axes[0, e].set_title(f"example {e + 1}: " + ("solved" if sq_error[e] < SUCCESS_THRESHOLD else "not solved"))
+        axes[0, e].set_title(f"trial {shown[e]}: " + ("solved" if sq_error[e] < SUCCESS_THRESHOLD else "not solved"))
     axes[0, 0].legend(fontsize=7, ncol=n)
     fig.tight_layout()
     run.save_figure(fig, "fig2_dynamics", f"Fig. 2: each branch's response v_k(x_j) over the steps for "
-                    f"{data.name}, M = {m}; bottom: the total f(x_j) and its targets (dotted).")
+                    f"{data.name}, M = {m}; bottom: the total f(x_j) and its targets (dotted). Solved trials of a pool "
+                    f"of {pool} are shown first ({metrics['pool_success_rate']:.0%} of the pool solved).")
     build_report(run, title=f"Toy dynamics ({data.name}, M = {m})")
     return metrics
 
