@@ -40,8 +40,8 @@ def test_one_step_is_gradient_descent_on_the_branched_perceptron_model():
     x, y = torch.tensor(TOY1.x), torch.tensor(TOY1.y)
     (0.5 * ((model(x) - y) ** 2).sum()).backward()
     for k, branch in enumerate(model.branches):
-        assert float(branch.w - 0.05 * branch.w.grad) == pytest.approx(float(w1[0, k]), abs=1e-12)
-        assert float(branch.b - 0.05 * branch.b.grad) == pytest.approx(float(b1[0, k]), abs=1e-12)
+        assert (branch.w - 0.05 * branch.w.grad).item() == pytest.approx(float(w1[0, k]), abs=1e-12)
+        assert (branch.b - 0.05 * branch.b.grad).item() == pytest.approx(float(b1[0, k]), abs=1e-12)
 
 
 def test_training_reduces_the_loss():
