@@ -15,6 +15,10 @@ from branchspec.rundir import RunDir
 
 PARTS: list[tuple[str, str]] = [
     ("toy", "branchspec.studies.toy"),
+    ("decompose", "branchspec.studies.decompose"),
+    ("classify", "branchspec.studies.classify"),
+    ("hessian", "branchspec.studies.hessian"),
+    ("nad", "branchspec.studies.nad"),
 ]
 
 

@@ -12,7 +12,7 @@ import sys
 
 from branchspec.errors import BranchspecError
 
-COMMANDS = ("toy", "report", "demo")
+COMMANDS = ("toy", "report", "demo", "decompose", "classify", "nad", "hessian")
 
 
 class Parser(argparse.ArgumentParser):

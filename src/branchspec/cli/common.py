@@ -7,8 +7,8 @@ import math
 import re
 
 
-def int_list(text: str) -> list[int]:
-    """``"2-30"``, ``"2,4,8"`` or ``"2-10,20"`` as a sorted list of distinct positive integers."""
+def int_list(text: str, minimum: int = 1) -> list[int]:
+    """``"2-30"``, ``"2,4,8"`` or ``"2-10,20"`` as a sorted list of distinct integers ≥ ``minimum``."""
     values: set[int] = set()
     for part in text.split(","):
         part = part.strip()
@@ -17,8 +17,8 @@ def int_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers or ranges such as 2-30 or 2,4,8")
         lo = int(match.group(1))
         hi = int(match.group(2) or lo)
-        if lo < 1 or hi < lo:
-            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not an increasing range of positive integers")
+        if lo < minimum or hi < lo:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not an increasing range of integers ≥ {minimum}")
         values.update(range(lo, hi + 1))
     return sorted(values)
 
@@ -41,3 +41,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+def float_list(text: str) -> list[float]:
+    """``"0.5,0.25,1"`` as a list of finite numbers."""
+    values = [finite_float(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no number")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """``"layer1.0, layer2.1"`` as a list of non-empty names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no name")
+    return names

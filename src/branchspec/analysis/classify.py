@@ -1,0 +1,116 @@
+"""Per-class analyses of a branched classifier's branch outputs (Sec. 6, Figs. 5-8, 16-17).
+
+Everything starts from the branch outputs ``V = [M, N, C]``: v_k(x_i) for the M branches, N samples and C
+classes (:func:`branch_outputs_in_batches`). Because f = Σ_k v_k, the logit margin of the true class y over
+the mean of the other classes splits exactly into per-branch terms,
+
+    f_y(x) − mean_{j≠y} f_j(x) = Σ_k conf_k(x),   conf_k(x) = v_k(x)_y − mean_{j≠y} v_k(x)_j,
+
+and conf_k(x) is branch k's *confidence* in the correct class (Fig. 7: positive is true confidence, negative
+false confidence). The rest follows from it and from :mod:`branchspec.analysis.activity` (the 10% active
+rule and the covariance F·Fᵀ of Fig. 5, on the response rows F_k = v_k over every sample and class).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from branchspec.analysis.activity import active_mask, covariance, response_norms
+from branchspec.branched import unchanged_buffers
+
+
+@torch.no_grad()
+def branch_outputs_in_batches(model, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """v_k(x) for every branch and image, in eval mode and batches: ``[M, N, C]`` float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        with unchanged_buffers(model):
+            device = next(model.parameters()).device
+            parts = [model.branch_outputs(images[i:i + batch_size].to(device)).float().cpu()
+                     for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts, dim=1)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Share of samples whose largest logit is the label (``logits [..., N, C]`` → mean over N)."""
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def confidence(branch_outputs: Tensor, labels: Tensor) -> Tensor:
+    """conf_k(x_i) = v_k(x_i)_y − mean_{j≠y} v_k(x_i)_j: ``[M, N]`` (Fig. 7); sums over k to f's margin."""
+    c = branch_outputs.shape[-1]
+    true = branch_outputs.gather(-1, labels.view(1, -1, 1).expand(branch_outputs.shape[0], -1, 1)).squeeze(-1)
+    others = (branch_outputs.sum(-1) - true) / (c - 1)
+    return true - others
+
+
+def per_class_mean(values: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """The mean of ``values [M, N, ...]`` over the samples of each class: ``[M, C, ...]``."""
+    onehot = torch.nn.functional.one_hot(labels, num_classes).to(values.dtype)  # [N, C]
+    counts = onehot.sum(0).clamp_min(1)
+    summed = torch.einsum("mn...,nc->mc...", values, onehot)
+    return summed / counts.view(1, -1, *([1] * (values.dim() - 2)))
+
+
+def class_outputs(branch_outputs: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Fig. 6: each branch's mean output vector on each true class, ``[M, C_true, C_out]``."""
+    return per_class_mean(branch_outputs, labels, num_classes)
+
+
+def contribution_matrix(branch_outputs: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Branch k's contribution to class c: its mean confidence conf_k on the samples of class c, ``[M, C]``.
+
+    The columns sum over k to the summed model's mean margin on each class.
+    """
+    return per_class_mean(confidence(branch_outputs, labels), labels, num_classes)
+
+
+def response_rows(branch_outputs: Tensor) -> np.ndarray:
+    """F_k = v_k over every sample and class as one row per branch (Sec. 4.1's F, for vector outputs)."""
+    return branch_outputs.reshape(branch_outputs.shape[0], -1).double().numpy()
+
+
+def activity(branch_outputs: Tensor) -> dict:
+    """Fig. 5: response norms, active (≥ 10% of the largest norm) and silent branches, covariance F·Fᵀ."""
+    F = response_rows(branch_outputs)
+    active = active_mask(F)
+    return {"norms": response_norms(F), "active": active, "num_active": int(active.sum()),
+            "num_silent": int((~active).sum()), "covariance": covariance(F) / F.shape[1]}
+
+
+def ablation(branch_outputs: Tensor, labels: Tensor) -> dict:
+    """Accuracy of the full sum, of the sum without each branch, and of each branch alone.
+
+    In eval mode the branches do not interact, so f without branch k is exactly f − v_k (the same as
+    ``model(x, subset=all but k)``).
+    """
+    total = branch_outputs.sum(0)
+    return {
+        "full": accuracy(total, labels),
+        "without": [accuracy(total - v, labels) for v in branch_outputs],
+        "alone": [accuracy(v, labels) for v in branch_outputs],
+    }
+
+
+def sample_per_class(labels: Tensor, per_class: int, seed: int = 0) -> Tensor:
+    """``per_class`` random sample indices of each class (Fig. 7: 20), grouped by class."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(picks)
+
+
+def most_confident(conf: Tensor, labels: Tensor, branch: int, cls: int, percent: float) -> Tensor:
+    """Figs. 8 and 16: the test samples of class ``cls`` with the top ``percent``% confidence of ``branch``,
+    most confident first."""
+    idx = torch.nonzero(labels == cls).flatten()
+    k = max(1, int(round(len(idx) * percent / 100)))
+    order = conf[branch, idx].argsort(descending=True)[:k]
+    return idx[order]

@@ -1,0 +1,175 @@
+"""The classification study: the paper's loss, training, exact resume, the loading API, the analyses, the CLI."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import branchspec.train.lightning as lightning_setup
+from branchspec.analysis import classify as ac
+from branchspec.branched import unchanged_buffers
+from branchspec.cli import main
+from branchspec.errors import BranchspecError
+from branchspec.losses import get_loss, soft_targets
+from branchspec.nets.resnet import branched_resnet
+from branchspec.studies.classify import ClassifyConfig, load_classifier, load_split, run_analyze, run_train
+from branchspec.train.classify import Recipe, augment
+
+TINY = ClassifyConfig(data="digits", branches=3, widths=[2, 2, 2, 2], limit_per_class=8, test_limit_per_class=4,
+                      recipe=Recipe(epochs=2, batch_size=16, lr=0.2))  # 80 images: 5 steps per epoch
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def test_soft_targets_and_loss_constants():
+    y = torch.tensor([3, 0])
+    t = soft_targets(y, 10)
+    assert t[0, 3].item() == pytest.approx(0.45085, abs=1e-5) and t[0, 0].item() == pytest.approx(0.06102, abs=1e-5)
+    at_targets = 2.0 * torch.nn.functional.one_hot(y, 10).float() - 1
+    for name in ("clamped_ce", "clamped_ce_literal"):
+        loss = get_loss(name)
+        assert loss(at_targets, y) == pytest.approx([1.89491] * 2, abs=1e-5)  # the minimum: the targets' entropy
+        assert loss(3 * at_targets, y) == pytest.approx([1.89491] * 2, abs=1e-5)  # clamped back to ±1
+        assert loss(torch.zeros(2, 10), y) == pytest.approx([math.log(10)] * 2, abs=1e-6)
+        f = torch.randn(64, 10) * 0.3
+        assert (loss(f, torch.randint(0, 10, (64,))) >= 1.89491 - 1e-5).all()
+
+
+def test_clamp_gradient_is_restoring_outside_the_bounds():
+    y = torch.tensor([0])
+    f = torch.tensor([[0.5, 3.0, -3.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    g_lit, = torch.autograd.grad(get_loss("clamped_ce_literal")(f, y).sum(), f)
+    g_new, = torch.autograd.grad(get_loss("clamped_ce")(f, y).sum(), f)
+    assert g_lit[0, 1] == 0 and g_lit[0, 2] == 0  # the literal clamp freezes a wrong class stuck at +1
+    assert g_new[0, 1] > 0  # ...the restoring clamp pushes it back down
+    assert g_new[0, 2] < 0  # a logit below −1 that the loss wants higher is moved back towards the interval
+    torch.testing.assert_close(g_new[0, [0, 3, 4]], g_lit[0, [0, 3, 4]])  # inside the interval: the same gradient
+    f = torch.tensor([[-3.0] + [0.0] * 9], requires_grad=True)  # the true class below −1: pushed up, not frozen
+    g, = torch.autograd.grad(get_loss("clamped_ce")(f, y).sum(), f)
+    assert g[0, 0] < 0
+
+
+def test_augment_crops_and_flips_per_image():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
+    out = augment(x, torch.Generator().manual_seed(0), padding=0, flip=True)
+    assert all(torch.equal(o, i) or torch.equal(o, i.flip(2)) for o, i in zip(out, x))
+    out = augment(x, torch.Generator().manual_seed(1), padding=2, flip=False)
+    assert out.shape == x.shape
+    assert all(set(o.unique().tolist()) <= set(i.unique().tolist()) | {0.0} for o, i in zip(out, x))
+
+
+# -------------------------------------------------------------------------------------------- training
+def test_training_reduces_the_loss_and_the_api_loads_the_run(tmp_path):
+    metrics = run_train(TINY, tmp_path / "run", show_progress=False)
+    assert metrics["steps"] == 10 and metrics["parameters_per_branch"] == sum(
+        p.numel() for p in branched_resnet(1, [2, 2, 2, 2]).parameters())
+    x, y, names = load_split(tmp_path / "run", "train")
+    assert x.shape == (80, 3, 8, 8) and names == [str(c) for c in range(10)]
+    assert abs(float(x.mean())) < 0.1  # normalized with the training set's statistics
+    losses = {}
+    for which in ("init", "last"):
+        model, config = load_classifier(tmp_path / "run", which)
+        assert not model.training and model.execution == "loop" and model.num_branches == 3
+        with torch.no_grad(), unchanged_buffers(model.train()):  # batch statistics, as in training
+            losses[which] = float(get_loss(config["loss"])(model(x), y).mean())
+    assert losses["last"] < losses["init"] - 0.02
+    from_ckpt = load_classifier(tmp_path / "run", str(tmp_path / "run/checkpoints/last.ckpt"))[0]  # fused layout
+    assert all(torch.equal(a, b) for a, b in zip(from_ckpt.state_dict().values(), model.state_dict().values()))
+    assert (tmp_path / "run/report.html").is_file() and (tmp_path / "run/figures/training.png").is_file()
+
+    with pytest.raises(BranchspecError, match="differs in branches"):
+        run_train(dataclasses.replace(TINY, branches=4), tmp_path / "run", show_progress=False)
+    other = run_train(dataclasses.replace(TINY, branches=2, recipe=Recipe(epochs=1, batch_size=16)),
+                      tmp_path / "other", show_progress=False)
+    assert other["steps"] == 5
+    with pytest.raises(BranchspecError, match="different configuration"):
+        load_classifier(tmp_path / "run", str(tmp_path / "other/checkpoints/weights.safetensors"))
+    with pytest.raises(BranchspecError, match="no config.yaml"):
+        load_classifier(tmp_path)
+    (tmp_path / "config.yaml").write_text("command: toy sweep\n")
+    with pytest.raises(BranchspecError, match="not a 'branchspec classify train' run"):
+        load_classifier(tmp_path)
+
+
+def test_resume_after_a_kill_equals_training_straight(tmp_path, monkeypatch):
+    """Kill mid-epoch after step 7 (last checkpoint: step 6), resume, and reach the same weights at step 10."""
+    cfg = dataclasses.replace(TINY, checkpoint_every=3, execution="loop")
+    run_train(cfg, tmp_path / "straight", show_progress=False)
+
+    class Kill(lightning_setup.L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 7:
+                raise RuntimeError("killed")
+
+    make = lightning_setup.make_trainer
+    monkeypatch.setattr(lightning_setup, "make_trainer", lambda run, **kw: make(
+        run, **{**kw, "callbacks": [*kw["callbacks"], Kill()]}))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_train(cfg, tmp_path / "killed", show_progress=False)
+    monkeypatch.setattr(lightning_setup, "make_trainer", make)
+    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    metrics = run_train(cfg, tmp_path / "killed", show_progress=False)
+    assert metrics["steps"] == 10
+    straight = load_file(tmp_path / "straight/checkpoints/weights.safetensors")
+    resumed = load_file(tmp_path / "killed/checkpoints/weights.safetensors")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+# -------------------------------------------------------------------------------------------- analysis
+def test_confidence_contribution_and_ablation_are_exact_decompositions():
+    torch.manual_seed(0)
+    model = branched_resnet(4, [2, 2, 2, 2], num_classes=5, seed=0).eval()
+    x, y = torch.randn(30, 3, 8, 8), torch.arange(30) % 5
+    V = ac.branch_outputs_in_batches(model, x, batch_size=7)
+    f = model(x).detach()
+    torch.testing.assert_close(V.sum(0), f, atol=1e-5, rtol=0)
+    margin = f.gather(1, y[:, None]).squeeze(1) - (f.sum(1) - f.gather(1, y[:, None]).squeeze(1)) / 4
+    torch.testing.assert_close(ac.confidence(V, y).sum(0), margin, atol=1e-5, rtol=0)
+    contrib = ac.contribution_matrix(V, y, 5)
+    torch.testing.assert_close(contrib.sum(0), torch.stack([margin[y == c].mean() for c in range(5)]), atol=1e-5,
+                               rtol=0)
+    abl = ac.ablation(V, y)
+    for k in range(4):
+        others = [j for j in range(4) if j != k]
+        assert abl["without"][k] == ac.accuracy(model(x, subset=others), y)
+        assert abl["alone"][k] == ac.accuracy(model(x, subset=[k]), y)
+    act = ac.activity(torch.cat([V, torch.zeros(1, 30, 5)]))
+    assert act["num_silent"] >= 1 and not act["active"][-1] and act["covariance"].shape == (5, 5)
+    top = ac.most_confident(ac.confidence(V, y), y, branch=1, cls=2, percent=50)
+    assert len(top) == 3 and (y[top] == 2).all()
+    conf = ac.confidence(V, y)[1, top]
+    assert (conf[:-1] >= conf[1:]).all()
+
+
+def test_analyze_writes_metrics_figures_and_report(tmp_path):
+    run_train(dataclasses.replace(TINY, recipe=Recipe(epochs=1, batch_size=16)), tmp_path, show_progress=False)
+    metrics = run_analyze(tmp_path, top_percent=(25.0, 50.0), samples_per_class=2, classes=["3", "5"])
+    assert metrics["num_active"] + metrics["num_silent"] == 3
+    assert len(metrics["contribution"]) == 3 and len(metrics["contribution"][0]) == 10
+    figures = {p.name for p in (tmp_path / "analysis/figures").glob("*.png")}
+    assert {"fig5_covariance.png", "fig6_branch_outputs.png", "fig7_confidence.png", "contribution_and_ablation.png",
+            "fig8_top25pct.png", "fig16_top50pct.png"} <= figures
+    assert "analysis" in (tmp_path / "report.html").read_text()
+    with pytest.raises(BranchspecError, match="not in this run"):
+        run_analyze(tmp_path, classes=["horse"])
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("args, message", [
+    (("train", "--data", "no/such/folder", "--out", "{tmp}"), "does not exist"),
+    (("train", "--loss", "hinge", "--out", "{tmp}"), "unknown loss"),
+    (("analyze", "--run", "{tmp}"), "config.yaml"),
+    (("analyze", "--run", "{tmp}", "--top-percent", "0,200"), "--top-percent"),
+])
+def test_cli_bad_input_gets_one_line(tmp_path, capsys, args, message):
+    assert main(["classify", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_cli_rejects_malformed_widths(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", "train", "--widths", "5,11", "--out", "x"])
+    assert exc.value.code == 2 and "--widths" in capsys.readouterr().err

@@ -1,0 +1,143 @@
+"""GAN training (App. E): the losses, the EMA, exact resume, a non-finite loss, and the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from branchspec import BranchspecError
+from branchspec.cli import main
+from branchspec.nets.stargan import GeneratorConfig
+from branchspec.studies.decompose import DecomposeConfig, run_train
+from branchspec.train.gan import ClassTransferGAN, GANRecipe, r1_penalty
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: one thread is as fast, and stays fast when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(iterations, **kw):
+    options = dict(size=16, num_scenes=24, eval_scenes=4, branches=3, batch_size=4, iterations=iterations,
+                   generator=GeneratorConfig(dim_in=4, max_conv_dim=4, hidden_dim=8, style_dim=8, latent_dim=4),
+                   d_width=1 / 64, checkpoint_every=2, eval_every=2, accelerator="cpu", devices=1)
+    return DecomposeConfig(**{**options, **kw})
+
+
+def test_r1_is_half_the_squared_input_gradient():
+    w = torch.randn(3, 4, 4)
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    logits = (x * w).flatten(1).sum(1)  # a linear D: ∇_x D = w for every image
+    torch.testing.assert_close(r1_penalty(logits, x), 0.5 * w.pow(2).sum())
+
+
+def test_ema_update():
+    g = torch.nn.Linear(2, 2)
+    gan = ClassTransferGAN(g, torch.nn.Linear(2, 1), GANRecipe(ema_decay=0.9))
+    before = gan.generator_ema.weight.clone()
+    with torch.no_grad():
+        g.weight.add_(1.0)
+    gan.update_ema()
+    torch.testing.assert_close(gan.generator_ema.weight, 0.9 * before + 0.1 * g.weight)
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+
+
+def test_training_lowers_the_discriminator_loss(tmp_path):
+    metrics = run_train(tiny(24, recipe=GANRecipe(lr=1e-3), eval_every=12), tmp_path, show_progress=False)
+    first, last = metrics["history"][0], metrics["history"][-1]
+    assert last["iteration"] == 24
+    assert last["d_loss"] < 2 * torch.log(torch.tensor(2.0)).item() - 0.1  # below chance, D has learnt something
+    assert 0 <= last["recovery"] <= 1 and "recovery_ema" in first
+    assert (tmp_path / "figures" / "training_curves.png").is_file()
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_bf16_mixed_precision(tmp_path):
+    """The precision CUDA runs use by default (bf16 autocast), here on the CPU: R1's double backward included."""
+    latest = run_train(tiny(2, precision="bf16-mixed"), tmp_path, show_progress=False)["latest"]
+    assert latest["iteration"] == 2
+    assert all(torch.isfinite(torch.tensor(latest[k])) for k in ("d_loss", "g_loss", "r1"))
+
+
+def test_resume_is_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(tiny(5), straight, show_progress=False)
+    run_train(tiny(3), resumed, show_progress=False)
+    run_train(tiny(5), resumed, show_progress=False)  # more iterations: continue from the last checkpoint
+    for name in ("generator", "generator_ema"):
+        a, b = (load_file(str(d / "checkpoints" / f"{name}.safetensors")) for d in (straight, resumed))
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    history = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert [r["iteration"] for r in history] == [2, 3, 4, 5]
+    with pytest.raises(BranchspecError, match="different run"):
+        run_train(tiny(6, branches=4), resumed, show_progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from branchspec.nets.stargan import Discriminator
+
+    forward = Discriminator.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x, y=None):
+        calls["n"] += 1
+        out = forward(self, x, y)
+        return out * float("nan") if calls["n"] > 2 * 3 else out  # after two iterations (3 D calls each)
+
+    monkeypatch.setattr(Discriminator, "forward", poisoned)
+    with pytest.raises(BranchspecError, match="non-finite"):
+        run_train(tiny(6), tmp_path, show_progress=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert int(ckpt["state_dict"]["iteration"]) == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+TINY_CLI = ["--size", "16", "--num-scenes", "24", "--branches", "3", "--width", "0.01", "--d-width", "0.016",
+            "--batch-size", "4", "--iterations", "4", "--eval-every", "2", "--accelerator", "cpu", "--devices", "1"]
+
+
+def test_cli_train_apply_manipulate_segment(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["decompose", "train", "--out", str(run), *TINY_CLI]) == 0
+    assert main(["decompose", "apply", "--run", str(run), "--num-images", "2", "--eval-images", "8"]) == 0
+    assert main(["decompose", "manipulate", "--run", str(run), "--branches", "0,2", "--alphas", "0,1,2",
+                 "--subsets", "0:1,2", "--num-images", "1"]) == 0
+    assert main(["decompose", "segment", "--run", str(run), "--num-images", "2", "--init-branches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "component recovery" in out and "eye IoU" in out
+    apply = json.loads((run / "apply" / "metrics.json").read_text())
+    assert 0 <= apply["component_recovery"] <= 1
+    assert set(apply["translation_psnr"]) == {"spots->stripes", "stripes->spots"}
+    assert len(apply["response_norms"]) == 3
+    figures = {p.name for p in (run / "apply" / "figures").glob("*.png")}
+    assert {"fig9_regeneration_spots.png", "fig10_branches_spots.png", "fig10_added_stripes.png",
+            "component_recovery.png"} <= figures
+    manipulate = json.loads((run / "manipulate" / "metrics.json").read_text())
+    assert manipulate["subsets"] == [[0], [1, 2]] and manipulate["branches"] == [0, 2]
+    assert (run / "manipulate" / "figures" / "fig13_alpha_sweep_branch2.png").is_file()
+    assert (run / "segment" / "figures" / "fig12_segmentation.png").is_file()
+    report = (run / "report.html").read_text()
+    assert all(f"<h2>{name}</h2>" in report for name in ("apply", "manipulate", "segment"))
+
+
+@pytest.mark.parametrize("make, args", [
+    (lambda d: (d / "data" / "train" / "cat").mkdir(parents=True), ["train", "--data", "{d}/data"]),
+    (lambda d: None, ["train", "--data", "{d}/missing"]),
+    (lambda d: None, ["train", "--size", "48"]),
+    (lambda d: d.joinpath("notarun").mkdir(), ["apply", "--run", "{d}/notarun"]),
+    (lambda d: None, ["segment", "--run", "{d}/nowhere"]),
+])
+def test_cli_bad_input_gets_one_line(tmp_path, capsys, make, args):
+    make(tmp_path)
+    args = [a.format(d=tmp_path) for a in args]
+    out = [] if args[0] != "train" else ["--out", str(tmp_path / "out"), "--iterations", "1"]
+    assert main(["decompose", *args, *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("branchspec: error:") and len(err.strip().splitlines()) == 1, err
