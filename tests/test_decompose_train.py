@@ -100,7 +100,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 # ---------------------------------------------------------------------------------------------------- CLI
 TINY_CLI = ["--size", "16", "--num-scenes", "24", "--branches", "3", "--width", "0.01", "--d-width", "0.016",
-            "--batch-size", "4", "--iterations", "4", "--eval-every", "2", "--accelerator", "cpu", "--devices", "1"]
+            "--batch-size", "4", "--iterations", "4", "--eval-every", "2", "--device", "cpu", "--devices", "1"]
 
 
 def test_cli_train_apply_manipulate_segment(tmp_path, capsys):

@@ -47,7 +47,7 @@ def test_toy_run_every_analysis_then_resume(toy_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(study, "_PIECES", {a: fail for a in study.ANALYSES})
     assert run_hessian(cfg, tmp_path / "h", show_progress=False) == metrics  # resumed: nothing left to do
-    with pytest.raises(BranchspecError, match="other options.*params"):
+    with pytest.raises(BranchspecError, match="differs in .*params"):
         run_hessian(HessianConfig(run=str(toy_run), params="w"), tmp_path / "h", show_progress=False)
 
 

@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import yaml
@@ -155,6 +155,18 @@ class RunDir:
         except yaml.YAMLError as err:
             raise BranchspecError(f"{self.config_path} is not valid YAML ({err}).") from None
 
+    def check_same_run(self, config: Any, free: Collection[str] = (), what: str = "run") -> None:
+        """A run directory that holds a config continues only the same run: refuse ``config`` where it differs
+        from the stored one in anything but the keys in ``free`` (device, precision, ...: options that do not
+        change a result). Nested settings are compared key by key."""
+        if not self.config_path.is_file():
+            return
+        old, new = _flat(self.read_config(), set(free)), _flat(to_plain(config), set(free))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            raise BranchspecError(f"{self.path} holds a different {what} (it differs in {', '.join(changed)}); give "
+                                  "a new --out, or the same options to resume it.")
+
     # metrics
     def write_metrics(self, metrics: dict, *, merge: bool = True) -> Path:
         """Write metrics.json; with ``merge`` the new keys update what is already there."""
@@ -187,3 +199,16 @@ class RunDir:
     def figure_captions(self) -> dict[str, str]:
         path = self.figures / "captions.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _flat(config: dict, free: set[str], prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``, leaving out the keys in ``free`` at any depth."""
+    flat = {}
+    for key, value in config.items():
+        if key in free:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flat(value, free, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from branchspec.cli.common import finite_float, int_list, positive_int
+from branchspec.cli.common import add_trainer_options, finite_float, int_list, positive_int
 
 
 def register(sub) -> None:
@@ -61,12 +61,7 @@ def _training(p) -> None:
     p.add_argument("--size", type=positive_int, default=None, help="image side for image trees (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and augmentation (default: 0)")
     p.add_argument("--eval-every", type=positive_int, default=1, help="test every N epochs (default: 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--devices", default="auto", help="devices per node, Lightning's flag (default: auto)")
-    p.add_argument("--num-nodes", type=positive_int, default=1, help="nodes for DDP (default: 1)")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
-    p.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on CUDA, 32-true on CPU)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
+    add_trainer_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass (GPU)")
     p.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory layout")
 
@@ -90,13 +85,12 @@ def _config(args, branches: int):
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, crop_padding=args.crop_padding,
                     flip=False if args.no_flip else None)
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     return ClassifyConfig(data=args.data, branches=branches, widths=list(args.widths), loss=args.loss,
                           head_scale=args.head_scale, execution=args.execution, recipe=recipe, seed=args.seed,
                           size=args.size, limit_per_class=args.limit_per_class,
                           test_limit_per_class=args.test_limit_per_class, eval_every=args.eval_every,
-                          accelerator=args.device, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-                          precision=args.precision, checkpoint_every=args.checkpoint_every, compile=args.compile,
+                          accelerator=args.device, devices=args.devices, num_nodes=args.num_nodes,
+                          strategy=args.strategy, precision=args.precision, checkpoint_every=args.checkpoint_every, compile=args.compile,
                           channels_last=not args.no_channels_last).check()
 
 

@@ -57,3 +57,21 @@ def name_list(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r} holds no name")
     return names
+
+
+def add_trainer_options(p, checkpoint_every: int | None = None) -> None:
+    """The options of a Lightning training run: where it runs, DDP, precision and checkpoints."""
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda: Lightning's accelerator (default: auto)")
+    p.add_argument("--devices", type=_devices, default="auto", help="devices per node, or auto (default: auto)")
+    p.add_argument("--num-nodes", type=positive_int, default=1, help="nodes for DDP (default: 1)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto; DDP when "
+                   "several devices)")
+    p.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed, 32-true (default: "
+                   "bf16-mixed on CUDA, 32-true on the CPU)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=checkpoint_every,
+                   help="also checkpoint every N steps" + (f" (default: {checkpoint_every})" if checkpoint_every
+                                                           else " (always at the end of each epoch)"))
+
+
+def _devices(text: str) -> int | str:
+    return positive_int(text) if text != "auto" else text

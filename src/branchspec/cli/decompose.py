@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from branchspec.cli.common import finite_float, float_list, int_list, name_list, positive_int
+from branchspec.cli.common import add_trainer_options, finite_float, float_list, int_list, name_list, positive_int
 
 
 def register(sub) -> None:
@@ -47,12 +47,7 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=positive_int, default=8, help="per device (default: 8)")
     t.add_argument("--iterations", type=positive_int, default=100_000, help="D+G steps (default: 100000)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default: 0)")
-    t.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (default: auto)")
-    t.add_argument("--devices", default="auto", help="number of devices, or auto (default: auto)")
-    t.add_argument("--num-nodes", type=positive_int, default=1, help="nodes for DDP (default: 1)")
-    t.add_argument("--strategy", default="auto", help="Lightning strategy (default: auto; DDP when several devices)")
-    t.add_argument("--precision", default=None, help="e.g. bf16-mixed, 32-true (default: bf16 on CUDA, 32 on CPU)")
-    t.add_argument("--checkpoint-every", type=positive_int, default=1000, help="iterations (default: 1000)")
+    add_trainer_options(t, checkpoint_every=1000)
     t.add_argument("--eval-every", type=positive_int, default=1000, help="iterations between recorded "
                    "curves and saved generator weights (default: 1000)")
     t.set_defaults(func=_train)
@@ -117,7 +112,6 @@ def _train(args) -> int:
     from branchspec.studies.decompose import DecomposeConfig, run_train
     from branchspec.train.gan import GANRecipe
 
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     cfg = DecomposeConfig(
         data=args.data, domains=args.domains, size=args.size, num_domains=args.num_domains,
         num_scenes=args.num_scenes, eval_scenes=args.eval_scenes, limit_per_domain=args.limit_per_domain,
@@ -125,7 +119,7 @@ def _train(args) -> int:
         generator=GeneratorConfig(width=args.width, dim_in=args.dim_in, max_conv_dim=args.max_conv_dim),
         residual=args.residual, sigma=args.sigma, dt=args.dt, d_width=args.d_width, execution=args.execution,
         recipe=GANRecipe(lr=args.lr, ema_decay=args.ema, r1_gamma=args.r1), batch_size=args.batch_size,
-        iterations=args.iterations, seed=args.seed, accelerator=args.accelerator, devices=devices,
+        iterations=args.iterations, seed=args.seed, accelerator=args.device, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
     metrics = run_train(cfg, args.out)

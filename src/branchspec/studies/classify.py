@@ -162,18 +162,6 @@ _RESUME_FREE = {"accelerator", "devices", "num_nodes", "strategy", "precision", 
                 "mean", "std"}
 
 
-def _check_resumable(run: RunDir, config: dict) -> None:
-    """A run directory with a config continues only the same run."""
-    if not run.config_path.is_file():
-        return
-    old = {k: v for k, v in run.read_config().items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in config.items() if k not in _RESUME_FREE}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        raise BranchspecError(f"{run.path} holds a different run (it differs in {', '.join(changed)}); give a new "
-                              "--out, or the same options to resume it.")
-
-
 def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = True) -> dict:
     """Train (or resume) a branched classifier into ``out``; write metrics, curves, weights and the report."""
     from branchspec.train.lightning import last_checkpoint, make_trainer
@@ -185,7 +173,7 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
               "train_images": len(data.train), "test_images": len(data.test),
               "skipped_files": {"train": data.train.skipped, "test": data.test.skipped},
               "mean": data.mean, "std": data.std}
-    _check_resumable(run, config)
+    run.check_same_run(config, _RESUME_FREE)
     run.write_config(config)
 
     model = build_model(cfg, len(data.train.classes))

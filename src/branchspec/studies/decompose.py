@@ -134,7 +134,7 @@ def run_train(cfg: DecomposeConfig, out: str | RunDir, *, show_progress: bool = 
     cfg = dataclasses.replace(cfg, data=cfg.data if cfg.data == SCENES else str(Path(cfg.data).resolve()),
                               num_domains=len(data.classes), generator=dataclasses.replace(
         cfg.generator, img_size=data.size, num_domains=len(data.classes)).check())
-    _check_resumable(run, cfg)
+    run.check_same_run(cfg, _RESUME_FREE)
     run.write_config({"command": "decompose train", **to_plain(cfg), "domain_names": data.classes,
                       "images_per_domain": data.counts(), "skipped_files": data.skipped})
 
@@ -171,18 +171,6 @@ def _strategy(cfg: DecomposeConfig) -> str:
 
 _RESUME_FREE = {"iterations", "accelerator", "devices", "num_nodes", "strategy", "precision", "checkpoint_every",
                 "eval_every", "command", "domain_names", "images_per_domain", "skipped_files"}
-
-
-def _check_resumable(run: RunDir, cfg: DecomposeConfig) -> None:
-    """A run directory with a config continues only the same run (more iterations are allowed)."""
-    if not run.config_path.is_file():
-        return
-    old = {k: v for k, v in run.read_config().items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in to_plain(cfg).items() if k not in _RESUME_FREE}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        raise BranchspecError(f"{run.path} holds a different run (it differs in {', '.join(changed)}); "
-                              "give a new --out, or the same options to resume it.")
 
 
 class TrainingMonitor(L.Callback):

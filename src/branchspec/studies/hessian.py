@@ -35,6 +35,7 @@ from branchspec.analysis.selection import FIRST_LAYER, select_parameters
 from branchspec.analysis.spectrum import (HessianOperator, density_curve, eigenvalue_density,
                                           hutchinson_block_masses, hutchinson_trace, top_eigenvalues)
 from branchspec.branched import Branched
+from branchspec.devices import resolve_device
 from branchspec.errors import BranchspecError
 from branchspec.losses import get_loss
 from branchspec.nets.perceptron import Perceptron
@@ -200,14 +201,7 @@ def resolve(cfg: HessianConfig) -> HessianConfig:
     """Checked, with the run path absolute, the device chosen and a toy run's M and trial fixed."""
     cfg = dataclasses.replace(cfg, run=str(Path(cfg.run).resolve())).check()
     run, raw = _source(cfg.run)
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise BranchspecError(f"--device {cfg.device!r} is not a device; give auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BranchspecError("--device cuda was asked for, but no CUDA device is available; use --device cpu.")
+    cfg.device = str(resolve_device(cfg.device))
     names = [_checkpoint_name(c) for c in cfg.checkpoints]
     if len(set(names)) != len(names):
         raise BranchspecError(f"the checkpoints {cfg.checkpoints} share a name; give each once.")
@@ -216,23 +210,12 @@ def resolve(cfg: HessianConfig) -> HessianConfig:
     return cfg
 
 
-def _check_resumable(run: RunDir, config: dict) -> None:
-    if not run.config_path.is_file():
-        return
-    old = {k: v for k, v in run.read_config().items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in config.items() if k not in _RESUME_FREE}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        raise BranchspecError(f"{run.path} holds a Hessian analysis with other options ({', '.join(changed)}); give "
-                              "a new --out, or the same options to resume it.")
-
-
 def run_hessian(cfg: HessianConfig, out: str | RunDir | None = None, *, show_progress: bool = True) -> dict:
     """Run the analyses of ``cfg`` into ``out`` (default: ``<run>/hessian``); returns the metrics."""
     cfg = resolve(cfg)
     run = out if isinstance(out, RunDir) else RunDir(out or Path(cfg.run) / "hessian")
     config = {"command": "hessian", **to_plain(cfg)}
-    _check_resumable(run, config)
+    run.check_same_run(config, _RESUME_FREE, "Hessian analysis")
     run.write_config(config)
     source = Source(cfg)
     for checkpoint in cfg.checkpoints:

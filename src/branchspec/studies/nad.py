@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from branchspec.analysis import nad
 from branchspec.analysis import nad_metrics as nm
+from branchspec.devices import resolve_device
 from branchspec.errors import BranchspecError
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, image_grid, subplots
@@ -114,18 +115,6 @@ class Source:
     classes: list[str]
     branched: bool
     search_defaults: dict = field(default_factory=dict)  # SearchSettings defaults that depend on the classifier
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BranchspecError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or auto.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BranchspecError("the device cuda was asked for but no GPU is visible; use --device cpu.")
-    return dev
 
 
 def load_source(cfg: NADConfig, split: str) -> Source:
@@ -235,23 +224,6 @@ def _resolve(cfg: NADConfig, source: Source) -> NADConfig:
     return dataclasses.replace(cfg, **absolute, search=search, precision=precision)
 
 
-def _check_resumable(run: RunDir, config: dict) -> None:
-    """A folder with a search continues only the same search (device, precision and pass size may change)."""
-    if not run.config_path.is_file():
-        return
-
-    def comparable(d: dict) -> dict:
-        flat = {k: v for k, v in d.items() if k not in (*_RESUME_FREE, "evaluate", "search")}
-        flat.update({f"search.{k}": v for k, v in (d.get("search") or {}).items() if k not in _RESUME_FREE})
-        return flat
-
-    a, b = comparable(run.read_config()), comparable(config)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if changed:
-        raise BranchspecError(f"{run.path} holds a different NAD search (it differs in {', '.join(changed)}); give a "
-                              "new --out, or the same options to resume it.")
-
-
 def run_search(cfg: NADConfig, out: str | RunDir, *, show_progress: bool = True) -> nad.SubArchitectures:
     """Search the sub-architectures into ``out`` (resuming a search stopped there); write masks, metrics,
     figures and the report."""
@@ -261,7 +233,7 @@ def run_search(cfg: NADConfig, out: str | RunDir, *, show_progress: bool = True)
     cfg = _resolve(cfg, source)
     device = resolve_device(cfg.device)
     config = {"command": "nad search", **to_plain(cfg)}
-    _check_resumable(run, config)
+    run.check_same_run(config, (*_RESUME_FREE, "evaluate"), "NAD search")
     run.write_config(config)
     model = nad.gated_execution(source.model, cfg.execution).to(device)
     layers = nad.find_layers(model, source.images[:1].to(device), cfg.layers)
