@@ -173,3 +173,10 @@ def test_cli_rejects_malformed_widths(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["classify", "train", "--widths", "5,11", "--out", "x"])
     assert exc.value.code == 2 and "--widths" in capsys.readouterr().err
+
+
+def test_top_branch_share_is_one_over_m_for_equal_branches_and_one_for_an_expert():
+    equal = torch.ones(4, 3)
+    assert torch.allclose(ac.top_branch_share(equal), torch.full((3,), 0.25))
+    expert = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 3.0]])  # a negative vote does not count as a share
+    assert torch.allclose(ac.top_branch_share(expert), torch.tensor([1.0, 0.75]))

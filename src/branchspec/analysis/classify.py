@@ -70,6 +70,14 @@ def contribution_matrix(branch_outputs: Tensor, labels: Tensor, num_classes: int
     return per_class_mean(confidence(branch_outputs, labels), labels, num_classes)
 
 
+def top_branch_share(contribution: Tensor) -> Tensor:
+    """Intra-class specialization (Figs. 6-7): for each class, the share of the positive contributions that its
+    largest contributor carries, ``[C]``. 1/M when every branch contributes alike, 1 when one branch does it all.
+    """
+    positive = contribution.clamp_min(0)
+    return positive.amax(0) / positive.sum(0).clamp_min(1e-12)
+
+
 def response_rows(branch_outputs: Tensor) -> np.ndarray:
     """F_k = v_k over every sample and class as one row per branch (Sec. 4.1's F, for vector outputs)."""
     return branch_outputs.reshape(branch_outputs.shape[0], -1).double().numpy()

@@ -341,6 +341,8 @@ def run_analyze(run, *, checkpoint: str = "last", samples_per_class: int = 20, t
         "mean_abs_offdiagonal_correlation_at_init": _offdiagonal_correlation(V0, act0["active"]),
         "covariance": act["covariance"],
         "contribution": contrib,
+        "mean_top_branch_share": float(ac.top_branch_share(contrib).mean()),
+        "mean_top_branch_share_at_init": float(ac.top_branch_share(ac.contribution_matrix(V0, y, C)).mean()),
         "accuracy_without_branch": abl["without"], "accuracy_branch_alone": abl["alone"],
         "informative_branches": branches, "fig8_classes": [names[c] for c in chosen],
     }

@@ -428,5 +428,5 @@ def demo(out: RunDir, show_progress: bool = True) -> None:
         classify.run_train(classify.DEMO, RunDir(digits_run), show_progress=show_progress)
     # sized for about a minute on two CPU cores (docs/hessian.md)
     digits = HessianConfig(run=str(digits_run), samples=64, analyses=["hessian", "equilibrium", "spectrum"],
-                           spectrum_samples=256, batch_size=128, probes=20, block_probes=2, top_n=2, lanczos_steps=20)
+                           spectrum_samples=128, batch_size=128, probes=20, block_probes=2, top_n=2, lanczos_steps=20)
     run_hessian(digits, out.sub("digits"), show_progress=show_progress)
