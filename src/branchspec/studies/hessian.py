@@ -346,6 +346,10 @@ def _figures(run: RunDir, cfg: HessianConfig) -> None:
             for edge in np.cumsum(sizes)[:-1] / factor - 0.5:
                 ax.axhline(edge, color="w", lw=0.4, alpha=0.6)
                 ax.axvline(edge, color="w", lw=0.4, alpha=0.6)
+            centres = (np.cumsum(sizes) - np.asarray(sizes) / 2) / factor - 0.5  # ticks name blocks, not pixels
+            ax.set_xticks(centres, labels=range(len(sizes)), fontsize=6)
+            ax.set_yticks(centres, labels=range(len(sizes)), fontsize=6)
+            ax.set(xlabel="branch l (its block of parameters)", ylabel="branch k")
             norms = block_squared_norms(H, sizes)
             matrices.append((norms / norms.sum()).numpy())
         fig.tight_layout()
