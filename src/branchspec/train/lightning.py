@@ -15,6 +15,7 @@ What it gives every run:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ from branchspec.errors import BranchspecError
 from branchspec.rundir import RunDir, atomic_torch_save
 
 LAST = "last.ckpt"
+
+# Manual optimization (the GAN) checkpoints the state after an optimizer step, which is what exact resume
+# needs (tested); Lightning warns about it at every start.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
