@@ -9,6 +9,7 @@ from branchspec.analysis.decompose import (abs_correlation, added_to_image, alph
                                            component_recovery, contrast_stretch, frechet_distance, psnr, ssim,
                                            structure_fidelity, subset_sums)
 from branchspec.analysis.segment import choose_eye_branches, iou, paired_on_rows, segment_eyes
+from branchspec.data.scenes import LAYERS, evaluation_scenes
 
 
 def decomposition(m=4, seed=0):
@@ -54,6 +55,20 @@ def test_component_recovery_finds_the_permutation_and_ignores_scale():
     r = component_recovery(mixed, layers)  # one branch holds two layers: only one of them can match it
     assert r["per_layer"]["c"] == pytest.approx(1.0)
     assert r["mean_matched_abs_correlation"] == pytest.approx((1 + 2 ** -0.5 + 0.0) / 3, abs=0.05)
+
+
+def test_component_recovery_calibration_on_layered_scenes():
+    """The score's range on the real layers: the true layers give 1, trivial outputs (the image itself in every
+    branch, the head's mask, noise) stay far below the 0.8 target (docs/decompose.md, "Scores")."""
+    s = evaluation_scenes(16, size=32)[0]
+    layers = {n: s.layers[n] for n in LAYERS}
+    zeros = [torch.zeros_like(s.images)] * 4
+    assert component_recovery(torch.stack([layers[n] for n in LAYERS] + zeros), layers)[
+        "mean_matched_abs_correlation"] == pytest.approx(1.0)
+    mask = (sum(layers[n].abs() for n in ("diffuse", "specular", "texture", "eyes")) > 1e-4).float()
+    noise = torch.randn(9, *s.images.shape, generator=torch.Generator().manual_seed(0))
+    for trivial, ceiling in ((torch.stack([s.images] * 9), 0.3), (torch.stack([mask] * 9), 0.3), (noise, 0.05)):
+        assert component_recovery(trivial, layers)["mean_matched_abs_correlation"] < ceiling
 
 
 def test_abs_correlation_is_pearson():
