@@ -421,11 +421,12 @@ def _augment(x: Tensor, seed: int, cls: int, step: int, settings: SearchSettings
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, *, batch_size: int = 500, device="cpu", gates: Gates | None = None,
-            values: Sequence[Tensor] | None = None, autocast: torch.autocast | None = None) -> Tensor:
+            values: Sequence[Tensor] | None = None, autocast: torch.autocast | None = None,
+            desc: str | None = None) -> Tensor:
     """The model's predicted classes for ``images`` (in batches), optionally under ``gates`` with ``values``
-    of shape ``[N, C_l]`` (one row per image)."""
+    of shape ``[N, C_l]`` (one row per image); ``desc`` shows a progress bar with that label."""
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
         x = images[i:i + batch_size].to(device)
         with autocast or nullcontext():
             if gates is None:
@@ -457,7 +458,8 @@ def search(model: nn.Module, images: Tensor, labels: Tensor, *, classes: Sequenc
     autocast = precision_context(device, precision)
     model = model.eval().to(device)
 
-    predictions = predict(model, images, device=device, autocast=autocast)
+    predictions = predict(model, images, device=device, autocast=autocast,
+                          desc="classifying the search images" if show_progress else None)
     index = {c: torch.nonzero(labels.cpu() == c).flatten() for c in tasks}
     correct = {c: int((predictions[index[c]] == c).sum()) for c in tasks}
     searchable = [c for c in tasks if correct[c] > 0]

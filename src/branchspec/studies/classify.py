@@ -287,11 +287,11 @@ def _read_state(path: Path, model: Branched) -> dict[str, Tensor]:
     return state
 
 
-def load_split(run, split: str = "test", device="cpu") -> tuple[Tensor, Tensor, list[str]]:
+def load_split(run, split: str = "test", device="cpu", show_progress: bool = False) -> tuple[Tensor, Tensor, list[str]]:
     """The run's data split as normalized float images ``[N, C, H, W]``, labels int64 ``[N]``, class names."""
     run, cfg, raw = _config(run)
     limit = cfg.test_limit_per_class if split == "test" else cfg.limit_per_class
-    data = load_images(cfg.data, split, size=cfg.size, limit_per_class=limit, show_progress=False)
+    data = load_images(cfg.data, split, size=cfg.size, limit_per_class=limit, show_progress=show_progress)
     return normalize(data.images, raw["mean"], raw["std"]).to(device), data.labels.to(device), data.classes
 
 

@@ -117,13 +117,13 @@ class Source:
     search_defaults: dict = field(default_factory=dict)  # SearchSettings defaults that depend on the classifier
 
 
-def load_source(cfg: NADConfig, split: str) -> Source:
+def load_source(cfg: NADConfig, split: str, show_progress: bool = False) -> Source:
     """The classifier of ``cfg`` and its ``split`` ("train" for the search, "test" for the evaluation)."""
     if cfg.run is not None:
         from branchspec.studies.classify import load_classifier, load_split
 
         model, raw = load_classifier(cfg.run, cfg.checkpoint)
-        images, labels, classes = load_split(cfg.run, split)
+        images, labels, classes = load_split(cfg.run, split, show_progress=show_progress)
         recipe = raw.get("recipe", {})
         own = {"beta": RUN_BETA, "crop_padding": recipe.get("crop_padding"), "flip": recipe.get("flip")}
         return Source(model, images, labels, classes, model.num_branches > 1, own)
@@ -131,7 +131,8 @@ def load_source(cfg: NADConfig, split: str) -> Source:
     from branchspec.train.classify import normalize
 
     model = load_user_model(cfg.model, cfg.weights)
-    data = load_images(cfg.data, split, size=cfg.size, limit_per_class=cfg.limit_per_class, show_progress=False)
+    data = load_images(cfg.data, split, size=cfg.size, limit_per_class=cfg.limit_per_class,
+                       show_progress=show_progress)
     mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
     if len(mean) != data.images.shape[1]:
         raise BranchspecError(f"--mean/--std give {len(mean)} channels but the images have {data.images.shape[1]}.")
@@ -229,7 +230,7 @@ def run_search(cfg: NADConfig, out: str | RunDir, *, show_progress: bool = True)
     figures and the report."""
     cfg.check()
     run = out if isinstance(out, RunDir) else RunDir(out)
-    source = load_source(cfg, "train")
+    source = load_source(cfg, "train", show_progress)
     cfg = _resolve(cfg, source)
     device = resolve_device(cfg.device)
     config = {"command": "nad search", **to_plain(cfg)}
@@ -286,7 +287,7 @@ def _search_figures(run: RunDir, sub: nad.SubArchitectures, kept: np.ndarray) ->
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None) -> dict:
+def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None, *, show_progress: bool = True) -> dict:
     """Measure the sub-architectures of a search in ``out``: each one as a detector of its class, the hit rate
     per layer, the similarity, the misclassification statistic, and (branched classifiers) the branch link."""
     ecfg = (ecfg or EvalConfig()).check()
@@ -302,7 +303,7 @@ def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None) -> dict:
     precision = ecfg.precision or (cfg.precision if ecfg.device is None else None) or default_precision(device.type)
     autocast = nad.precision_context(device, precision)
     run.write_config({**raw, "evaluate": to_plain(ecfg)})
-    source = load_source(cfg, "test")
+    source = load_source(cfg, "test", show_progress)
     model = nad.gated_execution(source.model, cfg.execution).to(device)
     layers = nad.find_layers(model, source.images[:1].to(device), [layer.name for layer in sub.layers])
     if [layer.channels for layer in layers] != [layer.channels for layer in sub.layers]:
@@ -312,7 +313,8 @@ def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None) -> dict:
     metrics: dict = {"classes_without_correct": sub.info.get("classes_without_correct", []),
                      "test_images": int(len(y))}
     T = len(sub.classes)
-    predictions = nad.predict(model, x, device=device, autocast=autocast)
+    predictions = nad.predict(model, x, device=device, autocast=autocast,
+                              desc="classifying the test images" if show_progress else None)
     metrics["test_accuracy"] = float((predictions == y).float().mean())
     metrics["original_recall"] = dict(zip(sub.classes, nm.class_recall(predictions, y, T).tolist()))
     per_layer = nm.iou(sub.masks)
@@ -502,4 +504,4 @@ def demo(out: RunDir, show_progress: bool = True) -> None:
         run_train(DEMO, classifier, show_progress=show_progress)
     run_search(NADConfig(run=str(classifier), search=nad.SearchSettings(steps=DEMO_STEPS)), out,
                show_progress=show_progress)
-    run_evaluate(out)
+    run_evaluate(out, show_progress=show_progress)
