@@ -95,14 +95,12 @@ def default_layer_names(model: nn.Module) -> list[str]:
     return names
 
 
-def find_layers(model: nn.Module, example: Tensor, names: Sequence[str] | None = None) -> list[GateLayer]:
-    """The gated layers of ``model`` (``names`` or :func:`default_layer_names`), their widths measured by one
-    forward pass of ``example`` (a batch of at least one input)."""
+def check_layer_names(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
+    """``names`` (or :func:`default_layer_names`), each a module of ``model`` (of a branch, for a Branched
+    model) and named once; found without running the model, so that a wrong name is reported before any data
+    is read."""
     names = list(names) if names else default_layer_names(model)
-    branched = isinstance(model, Branched)
-    num_branches = getattr(model, "num_branches", 1)
-    available = dict(model.named_modules())
-    body = dict(model.branches[0].named_modules()) if branched else available
+    body = dict((model.branches[0] if isinstance(model, Branched) else model).named_modules())
     missing = [n for n in names if n not in body or not n]
     if missing:
         some = ", ".join(n for n in list(body)[1:13])
@@ -110,6 +108,16 @@ def find_layers(model: nn.Module, example: Tensor, names: Sequence[str] | None =
                               f"({some}, ...).")
     if len(set(names)) != len(names):
         raise BranchspecError(f"layers {names} name a module twice; give each layer once.")
+    return names
+
+
+def find_layers(model: nn.Module, example: Tensor, names: Sequence[str] | None = None) -> list[GateLayer]:
+    """The gated layers of ``model`` (``names`` or :func:`default_layer_names`), their widths measured by one
+    forward pass of ``example`` (a batch of at least one input)."""
+    names = check_layer_names(model, names)
+    branched = isinstance(model, Branched)
+    num_branches = getattr(model, "num_branches", 1)
+    available = dict(model.named_modules())
     modules = {n: [f"branches.{k}.{n}" for k in range(num_branches)] if branched else [n] for n in names}
     widths: dict[str, int] = {}
 

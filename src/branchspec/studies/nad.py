@@ -123,6 +123,7 @@ def load_source(cfg: NADConfig, split: str, show_progress: bool = False) -> Sour
         from branchspec.studies.classify import load_classifier, load_split
 
         model, raw = load_classifier(cfg.run, cfg.checkpoint)
+        nad.check_layer_names(model, cfg.layers)
         images, labels, classes = load_split(cfg.run, split, show_progress=show_progress)
         recipe = raw.get("recipe", {})
         own = {"beta": RUN_BETA, "crop_padding": recipe.get("crop_padding"), "flip": recipe.get("flip")}
@@ -131,6 +132,7 @@ def load_source(cfg: NADConfig, split: str, show_progress: bool = False) -> Sour
     from branchspec.train.classify import normalize
 
     model = load_user_model(cfg.model, cfg.weights)
+    nad.check_layer_names(model, cfg.layers)
     data = load_images(cfg.data, split, size=cfg.size, limit_per_class=cfg.limit_per_class,
                        show_progress=show_progress)
     mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
