@@ -57,6 +57,28 @@ def test_checkpoint_every_epoch_logs_and_resume(tmp_path):
     assert len(csv_logs(run)) == 2  # the first run's log is kept
 
 
+def test_progress_bar_knows_its_length_after_a_mid_epoch_resume(tmp_path):
+    class Seen(L.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            bar = trainer.progress_bar_callback.train_progress_bar
+            self.seen = (bar.total, bar.initial, bar.n, bar.desc)
+
+    class Killed(L.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step == 3:
+                raise RuntimeError("killed")
+
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="killed"):  # killed in the middle of epoch 0, after the step-2 checkpoint
+        fit(run, Regression(), max_epochs=1, checkpoint_every_n_steps=2, callbacks=[Killed()])
+    seen = Seen()
+    trainer = make_trainer(run, max_epochs=1, callbacks=[seen])  # the bar on, as in the CLI
+    trainer.fit(Regression(), ckpt_path=last_checkpoint(run))
+    assert trainer.global_step == 4
+    assert seen.seen[:3] == (4, 2, 4)  # its length, where the resume began, the last batch
+    assert seen.seen[3].startswith("Epoch 0")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run = RunDir(tmp_path / "run")
     module = Regression(nan_at=6)

@@ -7,6 +7,7 @@ What it gives every run:
 - CSV and TensorBoard logs under ``run.logs`` (``csv/version_N/metrics.csv``, one version per start or resume);
 - ``run.checkpoints/last.ckpt`` (weights, optimizer, scheduler and loop state), written atomically (a
   temporary file and a rename) at the end of every epoch and, if asked, every N optimizer steps;
+- a progress bar with its length and ETA, also after a resume in the middle of an epoch;
 - bf16 mixed precision on CUDA, full 32-bit on the CPU, unless ``precision`` is given;
 - a non-finite loss stops the run with one clear sentence, before that loss is back-propagated, and the last
   good checkpoint is kept (nothing is saved after it);
@@ -22,7 +23,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from branchspec.errors import BranchspecError
@@ -63,6 +65,23 @@ class StopOnNonFiniteLoss(L.Callback):
             )
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, which also knows its length after a resume in the middle of an epoch.
+
+    Lightning skips ``on_train_epoch_start`` when it resumes mid-epoch, and its bar then counts on with no total
+    and no ETA ("646/?"); here the bar takes the epoch's length and starts at the batches already done.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if done and not self.train_progress_bar.disable:
+            bar = self.train_progress_bar
+            bar.reset(total=convert_inf(self.total_train_batches))
+            bar.initial = bar.n = done  # the rate and the ETA count from here
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+
+
 def default_precision(accelerator: str = "auto") -> str:
     """bf16-mixed on CUDA, 32-true elsewhere."""
     on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
@@ -100,7 +119,8 @@ def make_trainer(run: RunDir, *, max_epochs: int | None = None, max_steps: int =
         num_nodes=num_nodes,
         strategy=strategy,
         precision=precision or default_precision(accelerator),
-        callbacks=[*checkpoints, StopOnNonFiniteLoss(), *callbacks],
+        callbacks=[*checkpoints, StopOnNonFiniteLoss(), *([ProgressBar()] if enable_progress_bar else []),
+                   *callbacks],
         logger=loggers,
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
