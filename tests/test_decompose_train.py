@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,6 +126,28 @@ def test_cli_train_apply_manipulate_segment(tmp_path, capsys):
     assert (run / "segment" / "figures" / "fig12_segmentation.png").is_file()
     report = (run / "report.html").read_text()
     assert all(f"<h2>{name}</h2>" in report for name in ("apply", "manipulate", "segment"))
+
+
+def test_cli_apply_on_image_folders_scores_the_frechet_distance_against_no_translation(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, low in (("bright", 150), ("dark", 0)):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(low, low + 100, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    args = [a for a in TINY_CLI if a not in ("--num-scenes", "24")]
+    assert main(["decompose", "train", "--out", str(run), "--data", str(tmp_path / "data"), *args]) == 0
+    assert main(["decompose", "apply", "--run", str(run), "--eval-images", "6", "--classifier-steps", "5"]) == 0
+    assert "untranslated images" in capsys.readouterr().out
+    apply = json.loads((run / "apply" / "metrics.json").read_text())
+    assert apply["evaluation_images"] == "test" and "component_recovery" not in apply
+    assert set(apply["frechet_distance"]) == set(apply["frechet_distance_untranslated"]) == {"bright->dark",
+                                                                                            "dark->bright"}
+    assert apply["mean_frechet_distance_untranslated"] > 0 and "trained here" in apply["frechet_features"]
 
 
 @pytest.mark.parametrize("make, args", [

@@ -136,7 +136,8 @@ def _apply(args) -> int:
                         weights=args.weights, features=args.features, classifier_steps=args.classifier_steps,
                         device=args.device)
     score = (f"component recovery {metrics['component_recovery']:.3f}" if "component_recovery" in metrics
-             else f"mean Fréchet distance {metrics.get('mean_frechet_distance', float('nan')):.2f}")
+             else f"mean Fréchet distance {metrics.get('mean_frechet_distance', float('nan')):.2f} (untranslated "
+                  f"images: {metrics.get('mean_frechet_distance_untranslated', float('nan')):.2f})")
     print(f"wrote {args.out or args.run + '/apply'}; {score}")
     return 0
 

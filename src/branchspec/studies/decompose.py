@@ -371,9 +371,14 @@ def _frechet(cfg, raw, images, translated, features, classifier_steps, device, s
                                                            steps=classifier_steps, seed=cfg.seed, device=device,
                                                            show_progress=show_progress)
     real = [batched_features(extract, x, device=device) for x in images]
-    fd = {f"{raw['domain_names'][a]}->{raw['domain_names'][b]}": frechet_distance(
-        batched_features(extract, t, device=device), real[b]) for (a, b), t in translated.items()}
+    names = raw["domain_names"]
+    fd = {f"{names[a]}->{names[b]}": frechet_distance(batched_features(extract, t, device=device), real[b])
+          for (a, b), t in translated.items()}
+    # the baseline: no translation at all, the real images of a scored as images of b
+    untranslated = {f"{names[a]}->{names[b]}": frechet_distance(real[a], real[b]) for (a, b) in translated}
     return {"frechet_distance": fd, "mean_frechet_distance": float(np.mean(list(fd.values()))),
+            "frechet_distance_untranslated": untranslated,
+            "mean_frechet_distance_untranslated": float(np.mean(list(untranslated.values()))),
             "frechet_features": description}
 
 
