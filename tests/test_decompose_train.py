@@ -128,18 +128,23 @@ def test_cli_train_apply_manipulate_segment(tmp_path, capsys):
     assert all(f"<h2>{name}</h2>" in report for name in ("apply", "manipulate", "segment"))
 
 
-def test_cli_apply_on_image_folders_scores_the_frechet_distance_against_no_translation(tmp_path, capsys):
+def write_two_domains(root, per_split=6):
+    """ROOT/{train,test}/{bright,dark}/*.png: two domains of 16-px random images."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for name, low in (("bright", 150), ("dark", 0)):
-            folder = tmp_path / "data" / split / name
+            folder = root / split / name
             folder.mkdir(parents=True)
-            for i in range(6):
+            for i in range(per_split):
                 Image.fromarray(rng.integers(low, low + 100, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_cli_apply_on_image_folders_scores_the_frechet_distance_against_no_translation(tmp_path, capsys):
+    write_two_domains(tmp_path / "data")
     run = tmp_path / "run"
-    args = [a for a in TINY_CLI if a not in ("--num-scenes", "24")]
+    args = [a for a in TINY_CLI if a not in ("--num-scenes", "24")]  # a layered-scenes option
     assert main(["decompose", "train", "--out", str(run), "--data", str(tmp_path / "data"), *args]) == 0
     assert main(["decompose", "apply", "--run", str(run), "--eval-images", "6", "--classifier-steps", "5"]) == 0
     assert "untranslated images" in capsys.readouterr().out
@@ -164,3 +169,14 @@ def test_cli_bad_input_gets_one_line(tmp_path, capsys, make, args):
     assert main(["decompose", *args, *out]) == 2
     err = capsys.readouterr().err
     assert err.startswith("branchspec: error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_options_of_the_other_kind_of_data_are_an_error_not_ignored(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out"), "--iterations", "1"]
+    assert main(["decompose", "train", "--domains", "cat,dog", *out]) == 2
+    assert "--domains: only for image folders" in capsys.readouterr().err
+    write_two_domains(tmp_path / "data")
+    assert main(["decompose", "train", "--data", str(tmp_path / "data"), "--num-scenes", "9", "--eval-scenes", "4",
+                 *out]) == 2
+    assert "--num-scenes, --eval-scenes: only for the layered scenes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

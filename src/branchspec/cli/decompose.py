@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from branchspec.cli.common import add_trainer_options, finite_float, float_list, int_list, name_list, positive_int
+from branchspec.errors import BranchspecError
 
 
 def register(sub) -> None:
@@ -21,10 +22,11 @@ def register(sub) -> None:
     t.add_argument("--domains", type=name_list, default=None, help="domain folders to use, e.g. cat,dog (default: all)")
     t.add_argument("--size", type=positive_int, default=None, help="image side, a power of two in 16..256 "
                    "(default: 32 for scenes, 256 for folders)")
-    t.add_argument("--num-domains", type=positive_int, default=2, help="layered scenes: 2 or 3 domains (default: 2)")
-    t.add_argument("--num-scenes", type=positive_int, default=4000, help="layered scenes: training scenes "
+    t.add_argument("--num-domains", type=positive_int, default=None, help="layered scenes: 2 or 3 domains "
+                   "(default: 2)")
+    t.add_argument("--num-scenes", type=positive_int, default=None, help="layered scenes: training scenes "
                    "(default: 4000)")
-    t.add_argument("--eval-scenes", type=positive_int, default=64, help="layered scenes: held-out scenes scored "
+    t.add_argument("--eval-scenes", type=positive_int, default=None, help="layered scenes: held-out scenes scored "
                    "in every domain (default: 64)")
     t.add_argument("--limit-per-domain", type=positive_int, default=None, help="folders: read at most N images "
                    "per domain")
@@ -109,13 +111,19 @@ def _subsets(text: str) -> list[list[int]]:
 
 def _train(args) -> int:
     from branchspec.nets.stargan import GeneratorConfig
-    from branchspec.studies.decompose import DecomposeConfig, run_train
+    from branchspec.studies.decompose import SCENES, DecomposeConfig, run_train
     from branchspec.train.gan import GANRecipe
 
+    scene_options = {"num_domains": args.num_domains, "num_scenes": args.num_scenes, "eval_scenes": args.eval_scenes}
+    folder_options = {"domains": args.domains, "limit_per_domain": args.limit_per_domain}
+    wrong = [k for k, v in (folder_options if args.data == SCENES else scene_options).items() if v is not None]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise BranchspecError(f"{flags}: only for {'image folders' if args.data == SCENES else 'the layered scenes'}"
+                              f", not with --data {args.data}.")
+    given = {k: v for k, v in {**scene_options, **folder_options}.items() if v is not None}
     cfg = DecomposeConfig(
-        data=args.data, domains=args.domains, size=args.size, num_domains=args.num_domains,
-        num_scenes=args.num_scenes, eval_scenes=args.eval_scenes, limit_per_domain=args.limit_per_domain,
-        branches=args.branches,
+        data=args.data, size=args.size, **given, branches=args.branches,
         generator=GeneratorConfig(width=args.width, dim_in=args.dim_in, max_conv_dim=args.max_conv_dim),
         residual=args.residual, sigma=args.sigma, dt=args.dt, d_width=args.d_width, execution=args.execution,
         recipe=GANRecipe(lr=args.lr, ema_decay=args.ema, r1_gamma=args.r1), batch_size=args.batch_size,
