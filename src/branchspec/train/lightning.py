@@ -24,7 +24,6 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from branchspec.errors import BranchspecError
@@ -76,8 +75,8 @@ class ProgressBar(TQDMProgressBar):
         super().on_train_start(trainer, pl_module)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if done and not self.train_progress_bar.disable:
-            bar = self.train_progress_bar
-            bar.reset(total=convert_inf(self.total_train_batches))
+            bar, total = self.train_progress_bar, self.total_train_batches
+            bar.reset(total=None if total == float("inf") else int(total))
             bar.initial = bar.n = done  # the rate and the ETA count from here
             bar.set_description(f"Epoch {trainer.current_epoch}")
 
