@@ -100,13 +100,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-TINY_CLI = ["--size", "16", "--num-scenes", "24", "--branches", "3", "--width", "0.01", "--d-width", "0.016",
+TINY_CLI = ["--size", "16", "--branches", "3", "--width", "0.01", "--d-width", "0.016",
             "--batch-size", "4", "--iterations", "4", "--eval-every", "2", "--device", "cpu", "--devices", "1"]
 
 
 def test_cli_train_apply_manipulate_segment(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["decompose", "train", "--out", str(run), *TINY_CLI]) == 0
+    assert main(["decompose", "train", "--out", str(run), "--num-scenes", "24", *TINY_CLI]) == 0
     assert main(["decompose", "apply", "--run", str(run), "--num-images", "2", "--eval-images", "8"]) == 0
     assert main(["decompose", "manipulate", "--run", str(run), "--branches", "0,2", "--alphas", "0,1,2",
                  "--subsets", "0:1,2", "--num-images", "1"]) == 0
@@ -144,8 +144,7 @@ def write_two_domains(root, per_split=6):
 def test_cli_apply_on_image_folders_scores_the_frechet_distance_against_no_translation(tmp_path, capsys):
     write_two_domains(tmp_path / "data")
     run = tmp_path / "run"
-    args = [a for a in TINY_CLI if a not in ("--num-scenes", "24")]  # a layered-scenes option
-    assert main(["decompose", "train", "--out", str(run), "--data", str(tmp_path / "data"), *args]) == 0
+    assert main(["decompose", "train", "--out", str(run), "--data", str(tmp_path / "data"), *TINY_CLI]) == 0
     assert main(["decompose", "apply", "--run", str(run), "--eval-images", "6", "--classifier-steps", "5"]) == 0
     assert "untranslated images" in capsys.readouterr().out
     apply = json.loads((run / "apply" / "metrics.json").read_text())
