@@ -162,6 +162,8 @@ def test_analyze_writes_metrics_figures_and_report(tmp_path):
     (("train", "--loss", "hinge", "--out", "{tmp}"), "unknown loss"),
     (("analyze", "--run", "{tmp}"), "config.yaml"),
     (("analyze", "--run", "{tmp}", "--top-percent", "0,200"), "--top-percent"),
+    (("train", "--branches", "12", "--execution", "lanes", "--out", "{tmp}"), "multiple of 8"),
+    (("train", "--precision", "16-mixed", "--device", "cpu", "--out", "{tmp}"), "choose one of 32-true"),
 ])
 def test_cli_bad_input_gets_one_line(tmp_path, capsys, args, message):
     assert main(["classify", *(a.format(tmp=tmp_path) for a in args)]) == 2

@@ -18,3 +18,26 @@ def resolve_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BranchspecError(f"--device {device} was asked for, but no GPU is visible; use --device cpu.")
     return dev
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, keep freed memory in the process for reuse instead of returning it to the system.
+
+    glibc serves every allocation above 32 MB (CPU activations of a training step) with a fresh ``mmap`` and
+    unmaps it when freed, so the next step takes a page fault for every 4 kB page again; on a 2-core CPU that
+    costs as much time as the convolutions of a branched ResNet18 step (docs/results.md, "CPU performance").
+    This raises glibc's mmap and trim thresholds (``mallopt``) for the rest of the process; the price is that
+    the process keeps the memory of its largest step. Returns whether it was applied. The CLI calls it before
+    any training or analysis; library users may call it themselves.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    return bool(libc.mallopt(mmap_threshold, 1 << 30)) and bool(libc.mallopt(trim_threshold, (1 << 31) - 1))

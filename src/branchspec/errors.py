@@ -1,8 +1,16 @@
-"""The one exception type users see.
+"""The one exception type users see, and the logger of the messages a user should see.
 
 Public functions check their inputs at the boundary and raise :class:`BranchspecError` with one sentence
 that says what was wrong and what to do. The CLI prints it as a single line and exits non-zero.
+
+Choices made for the user (the execution that "auto" picked, a fallback to a slower path) are logged on
+:data:`log`, the ``branchspec`` logger: the CLI prints them as one line each; a library user sees the warnings
+(Python's default) and configures ``logging`` to see the rest.
 """
+
+import logging
+
+log = logging.getLogger("branchspec")
 
 
 class BranchspecError(ValueError):

@@ -33,8 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_process() -> None:
+    """What a command-line process of branchspec sets up once: the ``branchspec`` logger printed as one line per
+    message on stderr, and freed memory kept for reuse (:func:`branchspec.devices.keep_freed_memory`; the
+    environment variable ``BRANCHSPEC_RAW_ALLOCATOR=1`` leaves the allocator alone, for benchmarks)."""
+    import logging
+    import os
+
+    from branchspec.devices import keep_freed_memory
+    from branchspec.errors import log
+
+    if not any(getattr(h, "branchspec_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("branchspec: %(message)s"))
+        handler.branchspec_cli = True
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    if os.environ.get("BRANCHSPEC_RAW_ALLOCATOR") != "1":
+        keep_freed_memory()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_process()
     try:
         return int(args.func(args) or 0)
     except BranchspecError as err:

@@ -52,8 +52,10 @@ def _training(p) -> None:
     p.add_argument("--head-scale", type=finite_float, default=None,
                    help="multiply the heads' initial weights by this (default: 1/M, the sum starts inside the clamp)")
     p.add_argument("--widths", type=_widths, default=[5, 11, 21, 43], help="stage widths of a branch (default: 5,11,21,43 = 79,262 parameters)")
-    p.add_argument("--execution", choices=("fused", "loop", "vmap"), default="fused",
-                   help="fused: grouped convolutions; loop: the per-branch reference (default: fused)")
+    p.add_argument("--execution", choices=("auto", "lanes", "fused", "loop", "vmap"), default="auto",
+                   help="auto: the fastest exact execution here (lanes on a CPU for M a multiple of 8, else fused); "
+                        "lanes: branch-minor layout with lane convolutions; fused: grouped convolutions; loop: the "
+                        "per-branch reference (default: auto)")
     p.add_argument("--crop-padding", type=int, default=None, help="random-crop padding (default: 4; digits 1)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (digits: never flipped)")
     p.add_argument("--limit-per-class", type=positive_int, default=None, help="train on the first N images per class")

@@ -28,15 +28,18 @@ from torch import Tensor
 from branchspec.analysis import classify as ac
 from branchspec.branched import Branched
 from branchspec.data.images import DIGITS, ImageSet, load_images
-from branchspec.errors import BranchspecError
+from branchspec.devices import resolve_device
+from branchspec.errors import BranchspecError, log
 from branchspec.losses import LOSSES
-from branchspec.nets.resnet import PAPER_WIDTHS, FusedResNet18, branched_resnet, check_widths, fuse, unfuse
+from branchspec.nets.resnet import (EXECUTIONS, PAPER_WIDTHS, FusedResNet18, as_execution, branched_resnet,
+                                    channels_last, check_layout, check_widths, choose_execution, grouped_state,
+                                    unfuse)
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, image_grid, subplots
 from branchspec.rundir import RunDir, atomic_save_npz, atomic_write_bytes, to_plain
 from branchspec.train.classify import BranchedClassifier, Recipe, normalize
+from branchspec.train.lightning import check_precision
 
-EXECUTIONS = ("fused", "loop", "vmap")
 INIT, WEIGHTS = "init.safetensors", "weights.safetensors"
 SWEEP_M = [2, 4, 8, 16, 32]  # Fig. 5 left and Fig. 17
 
@@ -51,7 +54,7 @@ class ClassifyConfig:
     widths: list[int] = field(default_factory=lambda: list(PAPER_WIDTHS))
     loss: str = "clamped_ce"  # a key of branchspec.losses.LOSSES; "cross_entropy" is plain CE
     head_scale: float | None = None  # the heads' initial weights × this; None: 1/M (the sum starts in the clamp)
-    execution: str = "fused"  # fused (grouped convolutions), loop (the reference) or vmap
+    execution: str = "auto"  # auto (the fastest exact here), lanes, fused (grouped), loop (the reference) or vmap
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
     size: int | None = None  # image trees: resize to this side (default 32)
@@ -65,7 +68,7 @@ class ClassifyConfig:
     precision: str | None = None  # default: bf16-mixed on CUDA, 32-true on the CPU
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at the end of each epoch)
     compile: bool = False  # torch.compile the forward (GPU)
-    channels_last: bool = True  # NHWC memory layout: 3.5× faster grouped convolutions on the CPU
+    channels_last: bool = True  # NHWC memory layout: 3.5× faster grouped convolutions on the CPU (lanes: always)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifyConfig":
@@ -79,6 +82,9 @@ class ClassifyConfig:
             raise BranchspecError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}.")
         if int(self.branches) < 1 or int(self.eval_every) < 1:
             raise BranchspecError(f"branches and eval_every must be positive, got {self.branches}, {self.eval_every}.")
+        if self.execution == "lanes":
+            check_layout("lanes", int(self.branches))
+        check_precision(self.precision, self.accelerator)
         if self.head_scale is not None and not self.head_scale > 0:
             raise BranchspecError(f"head_scale must be positive, got {self.head_scale}.")
         check_widths(self.widths)
@@ -91,17 +97,17 @@ class ClassifyConfig:
 
 # ---------------------------------------------------------------------------------------------- the model
 def build_model(cfg: ClassifyConfig, num_classes: int = 10):
-    """The run's model at initialization, from ``cfg.seed`` alone; fused when ``cfg.execution == "fused"``.
+    """The run's model at initialization, from ``cfg.seed`` alone, in the execution ``cfg.execution`` (concrete,
+    as :func:`resolve` leaves it; the weights are the same in every execution).
 
     The heads' initial weights and biases are multiplied by :meth:`ClassifyConfig.initial_head_scale`.
     """
-    model = branched_resnet(cfg.branches, cfg.widths, num_classes, seed=cfg.seed,
-                            execution="loop" if cfg.execution == "fused" else cfg.execution)
+    model = branched_resnet(cfg.branches, cfg.widths, num_classes, seed=cfg.seed)
     with torch.no_grad():
         for branch in model.branches:
             branch.linear.weight.mul_(cfg.initial_head_scale())
             branch.linear.bias.mul_(cfg.initial_head_scale())
-    return fuse(model) if cfg.execution == "fused" else model
+    return as_execution(model, cfg.execution)
 
 
 def branched_state(model) -> dict[str, Tensor]:
@@ -146,14 +152,21 @@ def load_data(cfg: ClassifyConfig, show_progress: bool = True) -> Data:
 
 
 def resolve(cfg: ClassifyConfig) -> ClassifyConfig:
-    """Defaults that depend on the data: random crop with padding 4 and flips (CIFAR), but a 1-pixel padding
-    and no flip for the 8×8 digits (a mirrored digit is another symbol); the data path made absolute."""
+    """Defaults that depend on the data and the machine: random crop with padding 4 and flips (CIFAR), but a
+    1-pixel padding and no flip for the 8×8 digits (a mirrored digit is another symbol); the data path made
+    absolute; the execution "auto" made concrete (:func:`~branchspec.nets.resnet.choose_execution`, logged)."""
     digits = cfg.data == DIGITS
     recipe = dataclasses.replace(
         cfg.recipe,
         crop_padding=(1 if digits else 4) if cfg.recipe.crop_padding is None else cfg.recipe.crop_padding,
         flip=(not digits) if cfg.recipe.flip is None else cfg.recipe.flip)
-    return dataclasses.replace(cfg, data=cfg.data if digits else str(Path(cfg.data).resolve()), recipe=recipe.check())
+    execution, _ = choose_execution(cfg.execution, cfg.branches, _device_type(cfg))
+    return dataclasses.replace(cfg, data=cfg.data if digits else str(Path(cfg.data).resolve()), recipe=recipe.check(),
+                               execution=execution)
+
+
+def _device_type(cfg: ClassifyConfig) -> str:
+    return resolve_device(None if cfg.accelerator in ("auto", "gpu") else cfg.accelerator).type
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -167,8 +180,11 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     from branchspec.train.lightning import last_checkpoint, make_trainer
 
     run = out if isinstance(out, RunDir) else RunDir(out)
-    cfg = resolve(cfg).check()
+    asked = cfg.check().execution
     data = load_data(cfg, show_progress)
+    cfg = resolve(cfg).check()
+    if asked == "auto":
+        log.info("execution %s (auto: %s)", cfg.execution, choose_execution("auto", cfg.branches, _device_type(cfg))[1])
     config = {"command": "classify train", **to_plain(cfg), "classes": data.train.classes,
               "train_images": len(data.train), "test_images": len(data.test),
               "skipped_files": {"train": data.train.skipped, "test": data.test.skipped},
@@ -179,10 +195,11 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     model = build_model(cfg, len(data.train.classes))
     if not (run.checkpoints / INIT).is_file():
         save_weights(model, run.checkpoints / INIT)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    if cfg.channels_last or cfg.execution == "lanes":
+        channels_last(model)
     module = BranchedClassifier(model, cfg.loss, cfg.recipe, data.train, data.test, data.mean, data.std,
-                                seed=cfg.seed, compile=cfg.compile, channels_last=cfg.channels_last)
+                                seed=cfg.seed, compile=cfg.compile,
+                                channels_last=cfg.channels_last or cfg.execution == "lanes")
     trainer = make_trainer(run, max_epochs=cfg.recipe.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
                            num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
                            checkpoint_every_n_steps=cfg.checkpoint_every, callbacks=[ExportWeights(run)],
@@ -274,8 +291,9 @@ def _read_state(path: Path, model: Branched) -> dict[str, Tensor]:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
         raise BranchspecError(f"cannot read the checkpoint {path} ({type(err).__name__}); is it complete?") from None
     state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
-    if "linear_weight" in state:  # the fused layout
+    if "linear_weight" in state:  # the fused execution, in either layout
         m = state["linear_weight"].shape[0]
+        state = grouped_state(state, m)
         first = model.branches[0]
         fused = FusedResNet18(m, first.widths, first.num_classes, first.in_channels)
         try:

@@ -81,6 +81,25 @@ class ProgressBar(TQDMProgressBar):
             bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
+PRECISIONS = {"cpu": ("32-true", "64-true", "bf16-mixed", "bf16-true"),
+              "cuda": ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")}
+
+
+def check_precision(precision: str | None, accelerator: str = "auto") -> None:
+    """A one-sentence error for a precision the device cannot run: Lightning's names, bf16 only where the CPU
+    has bfloat16 instructions (AVX-512 BF16 or AMX)."""
+    if precision is None:
+        return
+    device = "cuda" if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    if precision not in PRECISIONS[device]:
+        raise BranchspecError(f"precision {precision!r} cannot run on the {device.upper() if device == 'cpu' else 'GPU'}"
+                              f"; choose one of {', '.join(PRECISIONS[device])}.")
+    if device == "cpu" and precision.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise BranchspecError(f"precision {precision} needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX), "
+                              "which this one lacks; use 32-true.")
+
+
 def default_precision(accelerator: str = "auto") -> str:
     """bf16-mixed on CUDA, 32-true elsewhere."""
     on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
@@ -100,6 +119,7 @@ def make_trainer(run: RunDir, *, max_epochs: int | None = None, max_steps: int =
         raise BranchspecError("the CUDA accelerator was asked for but no GPU is visible; use --device cpu.")
     if max_epochs is None and max_steps < 0:
         raise BranchspecError("give the run a length: max_epochs or max_steps.")
+    check_precision(precision, accelerator)
     every_epoch = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=0, save_last=True,
                                   save_on_train_epoch_end=True, enable_version_counter=False)
     checkpoints = [every_epoch]
