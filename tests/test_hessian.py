@@ -81,6 +81,28 @@ def test_structured_equals_direct_for_the_slim_resnet_in_float32():
     assert relative(H, direct) < 1e-5  # the issue's bar, in float32 (float64: 1e-15, docs/hessian.md)
 
 
+def test_a_memory_bound_splits_the_passes_and_changes_nothing():
+    """Under memory_gb the structured Hessian runs a few branches and columns at a time: the same matrix."""
+    torch.manual_seed(0)
+    model = branched_resnet(4, (2, 2, 2, 2), seed=0).double()
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+    sel = select_parameters(model)
+    whole = exact_hessian(model, x, y, "clamped_ce", sel)
+    from branchspec.analysis.hessian import pass_shape
+    tiny = 1e-9 * 5 * 3 * 6 * _one_sample_bytes(model)  # room for three (branch, column) units of this batch
+    assert pass_shape(model, (x,), sel, 16, tiny) == (1, 3)
+    split = exact_hessian(model, x, y, "clamped_ce", sel, memory_gb=tiny)
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+    with pytest.raises(BranchspecError, match="more than the"):
+        exact_hessian(model, x, y, "clamped_ce", sel, memory_gb=tiny / 10)
+
+
+def _one_sample_bytes(model):
+    from branchspec.analysis.hessian import _activation_bytes
+
+    return _activation_bytes(model, (torch.randn(1, 3, 8, 8, dtype=torch.float64),), 0)
+
+
 def test_residual_with_per_branch_inputs():
     """App. E: R hands branch k its own input φ_k; the structured Hessian stacks the inputs for vmap."""
     class Split(nn.Module):

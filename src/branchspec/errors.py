@@ -15,3 +15,7 @@ log = logging.getLogger("branchspec")
 
 class BranchspecError(ValueError):
     """Bad input or an unusable environment, explained in one sentence."""
+
+
+class Interrupted(Exception):
+    """The user pressed Ctrl-C; the run saved its state. The message says how to resume (the CLI prints it)."""

@@ -352,8 +352,8 @@ def nad_loss(gates: Gates, x: Tensor, y: Tensor, logits: Sequence[Tensor], beta:
 
     ``x`` holds B images of each of the T tasks, task by task (``[T·B, ...]``), ``y`` their labels, ``logits``
     the gate logits ``[T, C_l]`` per layer. Returns ``loss [T]`` (differentiable in the logits), the terms
-    ``[T, 3]`` (CE, Σ_l MSE, Σ_l mean σ²; detached) and ``has_correct [T]`` (the batch of task t holds an image
-    that the original network classifies correctly; when it does not, the MSE term is 0 and the step skips t).
+    ``[T, 3]`` (CE, Σ_l MSE, Σ_l mean σ²; detached) and ``n_correct [T]`` (the images of task t's batch that the
+    original network classifies correctly; when there are none, the MSE term is 0 and the step skips t).
     """
     T = logits[0].shape[0]
     B = len(x) // T
@@ -372,7 +372,7 @@ def nad_loss(gates: Gates, x: Tensor, y: Tensor, logits: Sequence[Tensor], beta:
     sparsity = sum(torch.sigmoid(m).pow(2).mean(1) for m in logits)
     L = len(logits)
     loss = (ce + mse) / L + beta * sparsity / L
-    return loss, torch.stack([ce, mse, sparsity], 1).detach(), n_correct > 0
+    return loss, torch.stack([ce, mse, sparsity], 1).detach(), n_correct
 
 
 def normalized_step(logits: Sequence[Tensor], grads: Sequence[Tensor], lr: float, update: Tensor) -> None:
@@ -466,12 +466,10 @@ def search(model: nn.Module, images: Tensor, labels: Tensor, *, classes: Sequenc
     autocast = precision_context(device, precision)
     model = model.eval().to(device)
 
-    predictions = predict(model, images, device=device, autocast=autocast,
-                          desc="classifying the search images" if show_progress else None)
+    # which images the original network classifies correctly is seen on the search batches themselves (the MSE
+    # term uses them only): no pass over the whole split first
     index = {c: torch.nonzero(labels.cpu() == c).flatten() for c in tasks}
-    correct = {c: int((predictions[index[c]] == c).sum()) for c in tasks}
-    searchable = [c for c in tasks if correct[c] > 0]
-    unsearched = [c for c in tasks if correct[c] == 0]
+    searchable = [c for c in tasks if len(index[c]) > 0]
     total = settings.total_steps(max([len(index[c]) for c in searchable], default=1))
     pass_size = settings.classes_per_pass or max(1, len(searchable))
 
@@ -488,15 +486,17 @@ def search(model: nn.Module, images: Tensor, labels: Tensor, *, classes: Sequenc
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
+    # a class none of whose search batches held a correctly classified image was never updated: not searched
+    unsearched = [c for c in tasks if state["updates"][c] == 0]
     for c in unsearched:
         for m in logits:
             m[c] = 0.0
     searched = torch.zeros(T, dtype=torch.bool)
-    searched[searchable] = True
+    searched[[c for c in tasks if c not in unsearched]] = True
     info = {
         "settings": asdict(settings), "steps": total, "precision": precision, "classes_per_pass": pass_size,
         "search_images": {classes[c]: len(index[c]) for c in tasks},
-        "search_images_correct": {classes[c]: correct[c] for c in tasks},
+        "search_batches_correct": {classes[c]: state["correct"][c] / max(1, state["seen"][c]) for c in tasks},
         "classes_without_correct": [classes[c] for c in unsearched],
         "updates": {classes[c]: int(state["updates"][c]) for c in tasks},
         "history": {classes[c]: state["history"].get(c, []) for c in searchable},
@@ -512,7 +512,7 @@ def _search_in_passes(gates, searchable, pass_size, images, labels, index, state
     start = 0
     while start < len(searchable):
         group = searchable[start:start + pass_size]
-        saved = copy.deepcopy({k: state[k] for k in ("steps_done", "updates", "history", "adam")})
+        saved = copy.deepcopy({k: state[k] for k in ("steps_done", "updates", "history", "adam", "correct", "seen")})
         saved_rows = [m[group].clone() for m in logits]
         bar.n = int(sum(min(state["steps_done"][c], total) for c in searchable))
         try:
@@ -563,8 +563,8 @@ def _search_group(gates, group, images, labels, index, logits, state, settings, 
         x = images[batch.to(images.device)].to(device)
         x = torch.cat([_augment(x[i * B:(i + 1) * B], settings.seed, c, step, settings) for i, c in enumerate(group)])
         y = labels[batch.to(labels.device)].to(device)
-        loss, terms, ok = nad_loss(gates, x, y, m, settings.beta, autocast=autocast)
-        ok = ok & (done <= step).to(ok.device)  # after a resume, a class that is further along waits
+        loss, terms, n_correct = nad_loss(gates, x, y, m, settings.beta, autocast=autocast)
+        ok = (n_correct > 0) & (done <= step).to(n_correct.device)  # after a resume, a class further along waits
         grads = torch.autograd.grad(loss.sum(), m)
         if opt is None:
             normalized_step(m, grads, settings.lr, ok.to(m[0].dtype))
@@ -583,6 +583,8 @@ def _search_group(gates, group, images, labels, index, logits, state, settings, 
                 continue
             state["steps_done"][c] = step + 1
             state["updates"][c] += int(ok[i])
+            state["correct"][c] += int(n_correct[i])
+            state["seen"][c] += B
             if record:
                 row = [step, float(loss[i].detach()), *terms[i].tolist(), float(kept[i])]
                 state["history"].setdefault(c, []).append(row)
@@ -606,6 +608,7 @@ def _load_state(path, layers, num_classes: int, settings: SearchSettings, total:
         "total": total, "seed": settings.seed,
         "logits": initial_logits(layers, range(num_classes), settings.seed),
         "steps_done": [0] * num_classes, "updates": [0] * num_classes, "history": {}, "adam": None,
+        "correct": [0] * num_classes, "seen": [0] * num_classes,  # images of the search batches (correct, all)
     }
     if path is None or not Path(path).is_file():
         return fresh

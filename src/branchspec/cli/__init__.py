@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from branchspec.errors import BranchspecError
+from branchspec.errors import BranchspecError, Interrupted
 
 COMMANDS = ("toy", "report", "demo", "decompose", "classify", "nad", "hessian")
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except BranchspecError as err:
         print(f"branchspec: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"branchspec: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("branchspec: interrupted; what was finished is saved in the run directory.", file=sys.stderr)
         return 130

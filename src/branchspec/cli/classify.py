@@ -92,14 +92,15 @@ def _config(args, branches: int):
                           size=args.size, limit_per_class=args.limit_per_class,
                           test_limit_per_class=args.test_limit_per_class, eval_every=args.eval_every,
                           accelerator=args.device, devices=args.devices, num_nodes=args.num_nodes,
-                          strategy=args.strategy, precision=args.precision, checkpoint_every=args.checkpoint_every, compile=args.compile,
+                          strategy=args.strategy, precision=args.precision, checkpoint_every=args.checkpoint_every,
+                          checkpoint_minutes=args.checkpoint_minutes, compile=args.compile,
                           channels_last=not args.no_channels_last).check()
 
 
 def _train(args) -> int:
     from branchspec.studies.classify import run_train
 
-    metrics = run_train(_config(args, args.branches), args.out)
+    metrics = run_train(_config(args, args.branches), args.out, change_lr=args.change_lr)
     if metrics:
         print(f"test accuracy {metrics['test_accuracy']:.4f}; wrote {args.out}/report.html")
     return 0
@@ -108,7 +109,7 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from branchspec.studies.classify import run_sweep
 
-    metrics = run_sweep(_config(args, args.branches[0]), args.branches, args.out)
+    metrics = run_sweep(_config(args, args.branches[0]), args.branches, args.out, change_lr=args.change_lr)
     print(f"active branches per M: {metrics['num_active']}; wrote {args.out}/report.html")
     return 0
 

@@ -71,6 +71,11 @@ def add_trainer_options(p, checkpoint_every: int | None = None) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=checkpoint_every,
                    help="also checkpoint every N steps" + (f" (default: {checkpoint_every})" if checkpoint_every
                                                            else " (always at the end of each epoch)"))
+    p.add_argument("--checkpoint-minutes", type=finite_float, default=10.0,
+                   help="and every this many minutes of wall-clock (default: 10); Ctrl-C also saves, then stops")
+    p.add_argument("--change-lr", action="store_true",
+                   help="resume with a different --lr (after a non-finite loss); the change is recorded in "
+                        "config.yaml")
 
 
 def _devices(text: str) -> int | str:

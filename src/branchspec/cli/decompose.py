@@ -129,8 +129,8 @@ def _train(args) -> int:
         recipe=GANRecipe(lr=args.lr, ema_decay=args.ema, r1_gamma=args.r1), batch_size=args.batch_size,
         iterations=args.iterations, seed=args.seed, accelerator=args.device, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
-    metrics = run_train(cfg, args.out)
+        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every)
+    metrics = run_train(cfg, args.out, change_lr=args.change_lr)
     last = metrics.get("latest", {})
     extra = f", component recovery {last['recovery_ema']:.3f} (EMA)" if "recovery_ema" in last else ""
     print(f"wrote {args.out}/report.html after {last.get('iteration')} iterations{extra}")

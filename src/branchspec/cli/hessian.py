@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from branchspec.cli.common import positive_int
+from branchspec.cli.common import finite_float, positive_int
 
 
 def _names(text: str) -> list[str]:
@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=16,
                    help="tangent columns per branch in one pass of the structured Hessian; memory grows with it "
                         "(default: 16)")
+    p.add_argument("--memory-gb", type=finite_float, default=8.0,
+                   help="bound on the exact Hessian's working memory: its passes take as many branches and columns "
+                        "as fit (default: 8)")
     p.add_argument("--permutations", type=positive_int, default=10,
                    help="random permutations for the block-mass baseline (default: 10)")
     p.add_argument("--check-direct", action="store_true",
@@ -63,7 +66,7 @@ def _hessian(args) -> int:
 
     cfg = HessianConfig(run=args.run, checkpoints=args.checkpoint, params=args.params, analyses=args.analyses,
                         samples=args.samples, split=args.split, seed=args.seed, batchnorm=args.batchnorm,
-                        device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
+                        device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, memory_gb=args.memory_gb,
                         permutations=args.permutations, check_direct=args.check_direct,
                         toy_branches=args.toy_branches, toy_trial=args.toy_trial,
                         spectrum_params=args.spectrum_params, spectrum_samples=args.spectrum_samples,

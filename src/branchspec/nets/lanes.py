@@ -172,11 +172,14 @@ def lane_conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) ->
     """M convolutions at once in the branch-minor layout (module docstring).
 
     ``x``: ``[B, Ci·M, H, W]`` with channel index ci·M + m (channels-last memory is used as it is; any other is
-    copied). ``weight``: ``[K, K, Ci, Co, M]``. Returns ``[B, Co·M, Ho, Wo]`` in channels-last memory. float32 on
-    the CPU runs the compiled kernels; other dtypes and devices, and machines without them, the reference.
+    copied). ``weight``: ``[K, K, Ci, Co, M]``. Returns ``[B, Co·M, Ho, Wo]`` in channels-last memory. float32 and
+    bfloat16 on the CPU run the compiled kernels (in float32); other dtypes and devices, and machines without
+    them, the reference.
     """
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not kernels_available():
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not kernels_available():
         return reference_lane_conv2d(x, weight.to(x.dtype), stride, padding)
+    if x.dtype == torch.bfloat16:  # bf16 autocast: the kernels compute in float32, the activations stay bf16
+        return _conv(x.float(), weight.float(), stride, padding).to(torch.bfloat16)
     return _conv(x, weight, stride, padding)
 
 

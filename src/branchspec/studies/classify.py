@@ -67,6 +67,7 @@ class ClassifyConfig:
     strategy: str = "auto"
     precision: str | None = None  # default: bf16-mixed on CUDA, 32-true on the CPU
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at the end of each epoch)
+    checkpoint_minutes: float | None = 10.0  # and every this many minutes of wall-clock within an epoch
     compile: bool = False  # torch.compile the forward (GPU)
     channels_last: bool = True  # NHWC memory layout: 3.5× faster grouped convolutions on the CPU (lanes: always)
 
@@ -171,13 +172,19 @@ def _device_type(cfg: ClassifyConfig) -> str:
 
 # ------------------------------------------------------------------------------------------------- train
 _RESUME_FREE = {"accelerator", "devices", "num_nodes", "strategy", "precision", "checkpoint_every", "compile",
+                "checkpoint_minutes", "lr_changes",
                 "channels_last", "eval_every", "command", "classes", "train_images", "test_images", "skipped_files",
                 "mean", "std"}
 
 
-def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = True) -> dict:
-    """Train (or resume) a branched classifier into ``out``; write metrics, curves, weights and the report."""
-    from branchspec.train.lightning import last_checkpoint, make_trainer
+def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = True, change_lr: bool = False) -> dict:
+    """Train (or resume) a branched classifier into ``out``; write metrics, curves, weights and the report.
+
+    ``change_lr``: a resume may change ``cfg.recipe.lr`` (after a non-finite loss, say); the peak of the one-cycle
+    schedule becomes the new value from the resumed step on, and the change is recorded in config.yaml
+    (``lr_changes``).
+    """
+    from branchspec.train.lightning import load_checkpoint_file, make_trainer, resume_checkpoint
 
     run = out if isinstance(out, RunDir) else RunDir(out)
     asked = cfg.check().execution
@@ -189,7 +196,16 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
               "train_images": len(data.train), "test_images": len(data.test),
               "skipped_files": {"train": data.train.skipped, "test": data.test.skipped},
               "mean": data.mean, "std": data.std}
-    run.check_same_run(config, _RESUME_FREE)
+    old = run.read_config() if run.config_path.is_file() else None
+    run.check_same_run(config, _RESUME_FREE | ({"lr"} if change_lr else set()))
+    resume = resume_checkpoint(run)
+    steps_before = int(load_checkpoint_file(resume)["global_step"]) if resume else 0
+    config["lr_changes"] = (old or {}).get("lr_changes", [])
+    if old and old["recipe"]["lr"] != cfg.recipe.lr:
+        config["lr_changes"] = config["lr_changes"] + [{"step": steps_before, "from": old["recipe"]["lr"],
+                                                         "to": cfg.recipe.lr}]
+        log.info("the peak learning rate changes from %g to %g at step %d", old["recipe"]["lr"], cfg.recipe.lr,
+                 steps_before)
     run.write_config(config)
 
     model = build_model(cfg, len(data.train.classes))
@@ -200,15 +216,16 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     module = BranchedClassifier(model, cfg.loss, cfg.recipe, data.train, data.test, data.mean, data.std,
                                 seed=cfg.seed, compile=cfg.compile,
                                 channels_last=cfg.channels_last or cfg.execution == "lanes")
+    advice = (f"resume it with a lower learning rate: the same command with --lr below {cfg.recipe.lr:g} and "
+              "--change-lr" + (", or with --precision 32-true." if cfg.precision not in (None, "32-true") else "."))
     trainer = make_trainer(run, max_epochs=cfg.recipe.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
                            num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
-                           checkpoint_every_n_steps=cfg.checkpoint_every, callbacks=[ExportWeights(run)],
+                           checkpoint_every_n_steps=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
+                           nonfinite_advice=advice, callbacks=[ExportWeights(run)],
                            enable_progress_bar=show_progress, check_val_every_n_epoch=cfg.eval_every,
                            log_every_n_steps=max(1, min(50, len(data.train) // cfg.recipe.batch_size)))
-    resume = last_checkpoint(run)
-    steps_before = torch.load(resume, map_location="cpu", weights_only=True)["global_step"] if resume else 0
     start = time.perf_counter()
-    trainer.fit(module, ckpt_path=resume)
+    trainer.fit(module, ckpt_path=resume, weights_only=True)
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
@@ -459,7 +476,7 @@ def _analysis_figures(out: RunDir, V, act, act0, conf, contrib, abl, y, names, s
 
 # ------------------------------------------------------------------------------------------------ sweep
 def run_sweep(cfg: ClassifyConfig, branches: list[int] | None = None, out: str | RunDir = "runs/classify_sweep", *,
-              show_progress: bool = True) -> dict:
+              show_progress: bool = True, change_lr: bool = False) -> dict:
     """Fig. 5 left and Fig. 17: one run per M (nested in ``out`` as ``m<M>``, each resumable), then the active
     and silent counts against M and each run's branch outputs and covariance."""
     run = out if isinstance(out, RunDir) else RunDir(out)
@@ -468,7 +485,7 @@ def run_sweep(cfg: ClassifyConfig, branches: list[int] | None = None, out: str |
     per_m, outputs = {}, {}
     for m in branches:
         sub = run.sub(f"m{m}")
-        metrics = run_train(dataclasses.replace(cfg, branches=m), sub, show_progress=show_progress)
+        metrics = run_train(dataclasses.replace(cfg, branches=m), sub, show_progress=show_progress, change_lr=change_lr)
         x, y, names = load_split(sub, "test")
         V = ac.branch_outputs_in_batches(load_classifier(sub)[0], x)
         act = ac.activity(V)

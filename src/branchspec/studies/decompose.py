@@ -31,14 +31,14 @@ from branchspec.branched import EXECUTIONS as BRANCHED_EXECUTIONS
 from branchspec.branched import BranchedOutput
 from branchspec.data.domains import DomainImages, load_domains
 from branchspec.data.scenes import LAYERS, Scenes, evaluation_scenes, training_scenes
-from branchspec.errors import BranchspecError
+from branchspec.errors import BranchspecError, log
 from branchspec.nets.diffusion import make_residual
 from branchspec.nets.stargan import Discriminator, GeneratorConfig, branched_generator
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, image_grid, subplots
 from branchspec.rundir import RunDir, atomic_write_bytes, to_plain
 from branchspec.train.gan import ClassTransferGAN, GANRecipe
-from branchspec.train.lightning import LAST, last_checkpoint, make_trainer
+from branchspec.train.lightning import load_checkpoint_file, make_trainer, resume_checkpoint
 
 SCENES = "scenes"
 EXECUTIONS = ("fused", *BRANCHED_EXECUTIONS)
@@ -73,6 +73,7 @@ class DecomposeConfig:
     strategy: str = "auto"
     precision: str | None = None  # default: bf16-mixed on CUDA, 32-true on CPU
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = 10.0  # and every this many minutes of wall-clock
     eval_every: int = 1000
 
     @classmethod
@@ -126,28 +127,40 @@ def build_discriminator(cfg: DecomposeConfig) -> Discriminator:
 
 
 # --------------------------------------------------------------------------------------------------- train
-def run_train(cfg: DecomposeConfig, out: str | RunDir, *, show_progress: bool = True) -> dict:
-    """Train (or resume) the branched class-transfer GAN into ``out``; write curves, weights and the report."""
+def run_train(cfg: DecomposeConfig, out: str | RunDir, *, show_progress: bool = True, change_lr: bool = False) -> dict:
+    """Train (or resume) the branched class-transfer GAN into ``out``; write curves, weights and the report.
+
+    ``change_lr``: a resume may change ``cfg.recipe.lr`` (after a non-finite loss, say); both optimizers take it
+    from the resumed iteration on, and the change is recorded in config.yaml (``lr_changes``).
+    """
     run = out if isinstance(out, RunDir) else RunDir(out)
     cfg.check()
     data = training_data(cfg, show_progress)
     cfg = dataclasses.replace(cfg, data=cfg.data if cfg.data == SCENES else str(Path(cfg.data).resolve()),
                               num_domains=len(data.classes), generator=dataclasses.replace(
         cfg.generator, img_size=data.size, num_domains=len(data.classes)).check())
-    run.check_same_run(cfg, _RESUME_FREE)
+    old = run.read_config() if run.config_path.is_file() else None
+    run.check_same_run(cfg, _RESUME_FREE | ({"lr"} if change_lr else set()))
+    resume = resume_checkpoint(run)
+    lr_changes = (old or {}).get("lr_changes", [])
+    if old and old["recipe"]["lr"] != cfg.recipe.lr:
+        at = int(load_checkpoint_file(resume)["state_dict"]["iteration"]) if resume else 0
+        lr_changes = lr_changes + [{"iteration": at, "from": old["recipe"]["lr"], "to": cfg.recipe.lr}]
+        log.info("the learning rate changes from %g to %g at iteration %d", old["recipe"]["lr"], cfg.recipe.lr, at)
     run.write_config({"command": "decompose train", **to_plain(cfg), "domain_names": data.classes,
-                      "images_per_domain": data.counts(), "skipped_files": data.skipped})
+                      "images_per_domain": data.counts(), "skipped_files": data.skipped, "lr_changes": lr_changes})
 
     module = ClassTransferGAN(build_generator(cfg), build_discriminator(cfg), cfg.recipe, data,
                               batch_size=cfg.batch_size, seed=cfg.seed, iterations=cfg.iterations)
     monitor = TrainingMonitor(run, cfg, scenes_for_evaluation(cfg) if cfg.data == SCENES else None)
     # two optimizer steps (D, then G) per iteration: Lightning's step counts are twice the iterations
+    advice = f"resume it with a lower learning rate: the same command with --lr below {cfg.recipe.lr:g} and --change-lr."
     trainer = make_trainer(run, max_steps=2 * cfg.iterations, accelerator=cfg.accelerator, devices=cfg.devices,
                            num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=cfg.precision,
-                           checkpoint_every_n_steps=2 * cfg.checkpoint_every, callbacks=[monitor],
-                           enable_progress_bar=show_progress, use_distributed_sampler=False)
-    trainer.fit(module, ckpt_path=last_checkpoint(run))
-    _save_final_checkpoint(trainer, run)
+                           checkpoint_every_n_steps=2 * cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
+                           nonfinite_advice=advice, callbacks=[monitor], enable_progress_bar=show_progress,
+                           use_distributed_sampler=False)
+    trainer.fit(module, ckpt_path=resume, weights_only=True)
     if trainer.is_global_zero:
         monitor.record(module, trainer.callback_metrics)
         _training_figures(run)
@@ -155,21 +168,17 @@ def run_train(cfg: DecomposeConfig, out: str | RunDir, *, show_progress: bool = 
     return run.read_metrics()
 
 
-def _save_final_checkpoint(trainer: L.Trainer, run: RunDir) -> None:
-    """last.ckpt at the final iteration, so that a later run with more iterations continues from the end: a
-    resumed run can stop at max_steps in the middle of Lightning's epoch, after its last epoch-end checkpoint.
-    (The Trainer writes it atomically.)"""
-    trainer.save_checkpoint(run.checkpoints / LAST)
-
-
 def _strategy(cfg: DecomposeConfig) -> str:
-    """DDP needs ``find_unused_parameters``: D and G are stepped by separate backward passes."""
+    """DDP needs ``find_unused_parameters``: D and G are stepped by separate backward passes (so plain "ddp", and
+    "auto" on several devices, become ``ddp_find_unused_parameters_true``)."""
     many = cfg.num_nodes > 1 or (str(cfg.devices) not in ("1", "auto")) or (
         str(cfg.devices) == "auto" and cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.device_count() > 1)
-    return "ddp_find_unused_parameters_true" if cfg.strategy == "auto" and many else cfg.strategy
+    return "ddp_find_unused_parameters_true" if cfg.strategy == "ddp" or (cfg.strategy == "auto" and many) \
+        else cfg.strategy
 
 
 _RESUME_FREE = {"iterations", "accelerator", "devices", "num_nodes", "strategy", "precision", "checkpoint_every",
+                "checkpoint_minutes", "lr_changes",
                 "eval_every", "command", "domain_names", "images_per_domain", "skipped_files"}
 
 

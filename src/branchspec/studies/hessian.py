@@ -48,7 +48,7 @@ from branchspec.train.toy import initial_weights, responses
 ANALYSES = ("hessian", "equilibrium", "spectrum")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HEADLINE_TOLERANCE = 1e-2  # the equilibrium fractions shown in the tables (docs/hessian.md)
-_RESUME_FREE = {"device", "chunk_size", "analyses", "checkpoints"}  # options that do not change a result
+_RESUME_FREE = {"device", "chunk_size", "memory_gb", "analyses", "checkpoints"}  # options that do not change a result
 
 
 @dataclass
@@ -66,6 +66,7 @@ class HessianConfig:
     device: str = "auto"
     dtype: str = "float32"
     chunk_size: int = 16
+    memory_gb: float | None = 8.0  # bound on the exact Hessian's working memory (None: all branches in one pass)
     permutations: int = 10
     check_direct: bool = False
     toy_branches: int | None = None  # toy sweeps: which M (default: the covariance example's M, else the largest)
@@ -91,6 +92,7 @@ class HessianConfig:
                   "chunk_size": self.chunk_size, "probes": self.probes, "block_probes": self.block_probes,
                   "top_n": self.top_n, "lanczos_steps": self.lanczos_steps}
         bad = [k for k, v in counts.items() if int(v) < 1] + ([] if self.permutations >= 0 else ["permutations"])
+        bad += [] if self.memory_gb is None or self.memory_gb > 0 else ["memory_gb"]
         if bad:
             raise BranchspecError(f"{', '.join(bad)} must be positive integers.")
         return self
@@ -266,7 +268,7 @@ def _hessian_piece(run: RunDir, cfg: HessianConfig, case: Case, name: str, show_
     for method in ("structured", "direct") if cfg.check_direct else ("structured",):  # one-time costs: not timed
         exact_hessian(case.model, case.inputs[:2], case.target[:2], case.loss, sel, method=method, **kw)
     H, seconds = _timed(cfg.device, exact_hessian, case.model, case.inputs, case.target, case.loss, sel,
-                        chunk_size=cfg.chunk_size, show_progress=show_progress, **kw)
+                        chunk_size=cfg.chunk_size, memory_gb=cfg.memory_gb, show_progress=show_progress, **kw)
     ratios = permuted_block_mass_ratios(H, sel.block_sizes, cfg.permutations, cfg.seed)
     values = {"block_mass_ratio": block_mass_ratio(H, sel.block_sizes),
               "block_mass_ratio_permuted": float(ratios.mean()) if len(ratios) else None,

@@ -185,6 +185,13 @@ class BranchedClassifier(L.LightningModule):
         self.log_dict({"test_loss": self.loss_fn(f, y).mean(), "test_acc": (f.argmax(1) == y).float().mean()},
                       prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(index))
 
+    def on_train_start(self) -> None:
+        """After a resume with a changed peak learning rate (``run_train(change_lr=True)``), the new peak."""
+        from branchspec.train.lightning import set_learning_rate
+
+        for opt in self.trainer.optimizers:
+            set_learning_rate(opt, self.recipe.lr, key="max_lr")
+
     def configure_optimizers(self):
         r = self.recipe
         opt = torch.optim.SGD(self.model.parameters(), lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0,

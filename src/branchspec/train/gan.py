@@ -82,6 +82,13 @@ class ClassTransferGAN(L.LightningModule):
 
         return [adam(self.discriminator), adam(self.generator)]
 
+    def on_train_start(self) -> None:
+        """After a resume with a changed learning rate (``run_train(change_lr=True)``), the new rate in both."""
+        from branchspec.train.lightning import set_learning_rate
+
+        for opt in self.trainer.optimizers:
+            set_learning_rate(opt, self.recipe.lr)
+
     def train_dataloader(self) -> DataLoader:
         if self.data is None:
             raise BranchspecError("this GAN module was built without training data.")

@@ -1,67 +1,205 @@
 """The shared Lightning set-up: one Trainer for every study that trains (classification, class transfer).
 
     trainer = make_trainer(run, max_epochs=20)
-    trainer.fit(module, ckpt_path=last_checkpoint(run))     # resumes exactly where the run stopped
+    trainer.fit(module, ckpt_path=resume_checkpoint(run), weights_only=True)   # starts, or resumes exactly
 
 What it gives every run:
 - CSV and TensorBoard logs under ``run.logs`` (``csv/version_N/metrics.csv``, one version per start or resume);
-- ``run.checkpoints/last.ckpt`` (weights, optimizer, scheduler and loop state), written atomically (a
-  temporary file and a rename) at the end of every epoch and, if asked, every N optimizer steps;
+- ``run.checkpoints/last.ckpt`` (weights, optimizer, scheduler and loop state) at the end of every epoch, every
+  ``checkpoint_minutes`` of wall-clock (10 by default) and, if asked, every N optimizer steps, each written
+  atomically (a temporary file and a rename); the one it replaces is kept as ``previous.ckpt``, and a resume
+  whose ``last.ckpt`` cannot be read falls back to it (:class:`RunCheckpoints`, :func:`resume_checkpoint`);
+- Ctrl-C (SIGINT) finishes the optimizer step under way, writes the checkpoint and ends the command with one
+  line that says how to resume (:class:`~branchspec.errors.Interrupted`); a killed process loses at most the
+  interval since the last checkpoint;
+- checkpoints loaded with ``weights_only=True``: a checkpoint that would run code when unpickled is refused;
 - a progress bar with its length and ETA, also after a resume in the middle of an epoch;
 - bf16 mixed precision on CUDA, full 32-bit on the CPU, unless ``precision`` is given;
-- a non-finite loss stops the run with one clear sentence, before that loss is back-propagated, and the last
-  good checkpoint is kept (nothing is saved after it);
+- a non-finite loss stops the run with one clear sentence, before that loss is back-propagated; the state
+  before it is saved, so the run can go on with a lower learning rate (``change_lr`` of the studies, and
+  :func:`set_learning_rate`);
 - devices, nodes and DDP through Lightning's own flags (``devices``, ``num_nodes``, ``strategy``).
 """
 
 from __future__ import annotations
 
-import warnings
+import os
+import pickle
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from branchspec.errors import BranchspecError
+from branchspec.errors import BranchspecError, Interrupted, log
 from branchspec.rundir import RunDir, atomic_torch_save
 
-LAST = "last.ckpt"
+LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
+CHECKPOINT_MINUTES = 10.0  # the default wall-clock interval between checkpoints within an epoch
 
-# Manual optimization (the GAN) checkpoints the state after an optimizer step, which is what exact resume
-# needs (tested); Lightning warns about it at every start.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A checkpoint read with ``weights_only=True``: tensors and plain data only, so unpickling runs no code.
+
+    A file that is not a readable checkpoint, or one that holds other Python objects, is a one-line error.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise BranchspecError(f"refused to load {path}: it holds Python objects beyond tensors and plain data, which "
+                              f"could run code when loaded ({str(err).splitlines()[0][:120]}); use checkpoints that "
+                              "branchspec wrote.") from None
+    except FileNotFoundError:
+        raise BranchspecError(f"checkpoint {path} does not exist.") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt file: one answer
+        raise BranchspecError(f"cannot read the checkpoint {path} ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:120] if str(err).strip() else 'no detail'}); it is "
+                              "truncated or corrupt.") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temporary file in the same folder, then a rename: a killed run never leaves half a
-    checkpoint behind."""
+    checkpoint behind. Loading is always ``weights_only`` (:func:`load_checkpoint_file`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint_file(path, map_location)
+
+
+class RunCheckpoints(L.Callback):
+    """``last.ckpt`` at the end of every epoch, of the run, every ``every_n_steps`` optimizer steps, every
+    ``minutes`` of wall-clock within an epoch, and after the step under way when Ctrl-C is pressed; the file it
+    replaces is kept as ``previous.ckpt``.
+
+    A checkpoint is written after a whole training step (``on_train_batch_end``), where the loop state and the
+    weights agree, so a resume from any of them continues exactly. The first Ctrl-C only asks for a stop
+    (a second one interrupts at once); with several processes the decision to save is taken together.
+    """
+
+    def __init__(self, run: RunDir, every_n_steps: int | None = None, minutes: float | None = CHECKPOINT_MINUTES):
+        self.run, self.every_n_steps, self.minutes = run, every_n_steps, minutes
+        self._saved_step: int | None = None
+        self._last_time = time.monotonic()
+        self._stop_asked = False
+        self._previous_handler = None
+
+    # ------------------------------------------------------------------------------------------ Ctrl-C
+    def _ask_to_stop(self, signum, frame) -> None:
+        if self._stop_asked:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_asked = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step, self._last_time, self._stop_asked = trainer.global_step, time.monotonic(), False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._ask_to_stop)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    # ------------------------------------------------------------------------------------------- saving
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = self._stop_asked or bool(self.every_n_steps and step % self.every_n_steps == 0) or (
+            self.minutes is not None and time.monotonic() - self._last_time >= 60 * self.minutes)
+        stop = self._stop_asked
+        if trainer.world_size > 1:
+            due = trainer.strategy.reduce_boolean_decision(due, all=False)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if due:
+            self.save(trainer)
+        if stop:
+            self._restore_handler()
+            raise Interrupted(f"interrupted after step {step}; the run is saved in "
+                              f"{self.run.checkpoints / LAST}: run the same command again to resume it.")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` now (all ranks call it; rank 0 writes), the old one becoming ``previous.ckpt``."""
+        if trainer.global_step == self._saved_step:
+            return
+        last = self.run.checkpoints / LAST
+        if trainer.is_global_zero and last.is_file():
+            os.replace(last, self.run.checkpoints / PREVIOUS)
+        trainer.save_checkpoint(last)
+        self._saved_step, self._last_time = trainer.global_step, time.monotonic()
 
 
 class StopOnNonFiniteLoss(L.Callback):
     """Stop the run when the training loss is NaN or infinite, before it is back-propagated.
 
     The check runs in ``on_before_backward`` (automatic and manual optimization alike), so the weights that the
-    bad loss would have produced are never written; the checkpoint on disk is the last good one. With several
-    processes, every rank stops together.
+    bad loss would have produced are never made; the state before the bad step is saved as ``last.ckpt`` (the
+    one before it kept as ``previous.ckpt``). With several processes, every rank stops together.
     """
+
+    def __init__(self, checkpoints: RunCheckpoints, advice: str):
+        self.checkpoints, self.advice = checkpoints, advice
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         bad = not bool(torch.isfinite(loss.detach()).all())
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            self.checkpoints.save(trainer)
             raise BranchspecError(
                 f"the training loss became non-finite at step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                "the run stopped before using it and its last good checkpoint is kept: resume it with a lower "
-                "learning rate or with --precision 32-true."
+                f"the run stopped before using it and saved the state before that step: {self.advice}"
             )
+
+
+def resume_checkpoint(run: RunDir) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt``, or ``previous.ckpt`` when the last cannot be read (a line
+    is logged); None for a new run. Both unreadable is a one-line error."""
+    candidates = [p for p in (run.checkpoints / LAST, run.checkpoints / PREVIOUS) if p.is_file()]
+    problems = []
+    for path in candidates:
+        try:
+            load_checkpoint_file(path)
+        except BranchspecError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log.warning("%s Resuming from %s instead.", problems[0].rstrip("."), path.name)
+        return path
+    if problems:
+        raise BranchspecError(f"no checkpoint of {run.path} can be read ({problems[0]}); start a new run with "
+                              "another --out.")
+    return None
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, key: str = "lr") -> bool:
+    """Make ``lr`` the optimizer's learning rate after a resume with a changed one: the param groups' ``key``
+    (``"lr"``, or ``"max_lr"`` for a one-cycle schedule, whose ``initial_lr``, ``min_lr`` and current ``lr`` are
+    scaled with it). Returns whether anything changed (nothing does when they already agree)."""
+    changed = False
+    for group in optimizer.param_groups:
+        factor = lr / group[key]
+        if abs(factor - 1) > 1e-12:
+            for name in ("lr", "max_lr", "initial_lr", "min_lr"):
+                if name in group:
+                    group[name] *= factor
+            changed = True
+    return changed
 
 
 class ProgressBar(TQDMProgressBar):
@@ -108,8 +246,9 @@ def default_precision(accelerator: str = "auto") -> str:
 
 def make_trainer(run: RunDir, *, max_epochs: int | None = None, max_steps: int = -1, accelerator: str = "auto",
                  devices="auto", num_nodes: int = 1, strategy: str = "auto", precision: str | None = None,
-                 checkpoint_every_n_steps: int | None = None, callbacks=(), enable_progress_bar: bool = True,
-                 **trainer_kwargs) -> L.Trainer:
+                 checkpoint_every_n_steps: int | None = None, checkpoint_minutes: float | None = CHECKPOINT_MINUTES,
+                 nonfinite_advice: str = "resume it with a lower learning rate.", callbacks=(),
+                 enable_progress_bar: bool = True, **trainer_kwargs) -> L.Trainer:
     """A Trainer that logs, checkpoints and stops on a non-finite loss as described in the module docstring.
 
     ``max_epochs`` or ``max_steps`` bound the run; the other arguments are Lightning's, passed through
@@ -120,13 +259,7 @@ def make_trainer(run: RunDir, *, max_epochs: int | None = None, max_steps: int =
     if max_epochs is None and max_steps < 0:
         raise BranchspecError("give the run a length: max_epochs or max_steps.")
     check_precision(precision, accelerator)
-    every_epoch = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=0, save_last=True,
-                                  save_on_train_epoch_end=True, enable_version_counter=False)
-    checkpoints = [every_epoch]
-    if checkpoint_every_n_steps:
-        checkpoints.append(ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=0, save_last=True,
-                                           every_n_train_steps=int(checkpoint_every_n_steps),
-                                           enable_version_counter=False))
+    checkpoints = RunCheckpoints(run, checkpoint_every_n_steps, checkpoint_minutes)
     run.logs.mkdir(parents=True, exist_ok=True)
     # one version folder per (re)start, so that a resumed run keeps the logs of the runs before it
     loggers = [CSVLogger(run.logs, name="csv"), TensorBoardLogger(run.logs, name="tensorboard")]
@@ -138,9 +271,10 @@ def make_trainer(run: RunDir, *, max_epochs: int | None = None, max_steps: int =
         num_nodes=num_nodes,
         strategy=strategy,
         precision=precision or default_precision(accelerator),
-        callbacks=[*checkpoints, StopOnNonFiniteLoss(), *([ProgressBar()] if enable_progress_bar else []),
-                   *callbacks],
+        callbacks=[checkpoints, StopOnNonFiniteLoss(checkpoints, nonfinite_advice),
+                   *([ProgressBar()] if enable_progress_bar else []), *callbacks],
         logger=loggers,
+        enable_checkpointing=False,  # RunCheckpoints writes them
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
@@ -153,9 +287,3 @@ def csv_logs(run: RunDir) -> list[Path]:
     """The CSV metric files of a run, oldest first (one per start or resume)."""
     files = (run.logs / "csv").glob("version_*/metrics.csv")
     return sorted(files, key=lambda p: int(p.parent.name.removeprefix("version_")))
-
-
-def last_checkpoint(run: RunDir) -> Path | None:
-    """``run.checkpoints/last.ckpt`` if the run has one (pass it to ``Trainer.fit(ckpt_path=...)``), else None."""
-    path = run.checkpoints / LAST
-    return path if path.is_file() else None
