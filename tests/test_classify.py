@@ -3,9 +3,12 @@
 import dataclasses
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import load_file
+import yaml
 
 import branchspec.train.lightning as lightning_setup
 from branchspec.analysis import classify as ac
@@ -75,7 +78,10 @@ def test_training_reduces_the_loss_and_the_api_loads_the_run(tmp_path):
             losses[which] = float(get_loss(config["loss"])(model(x), y).mean())
     assert losses["last"] < losses["init"] - 0.02
     from_ckpt = load_classifier(tmp_path / "run", str(tmp_path / "run/checkpoints/last.ckpt"))[0]  # fused layout
-    assert all(torch.equal(a, b) for a, b in zip(from_ckpt.state_dict().values(), model.state_dict().values()))
+    # the same weights; the running statistics of this 10-step run were recomputed after training (not in last.ckpt)
+    assert metrics["batchnorm_recalibrated"]
+    assert all(torch.equal(a, b) for (n, a), b in zip(from_ckpt.state_dict().items(), model.state_dict().values())
+               if not n.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert (tmp_path / "run/report.html").is_file() and (tmp_path / "run/figures/training.png").is_file()
 
     with pytest.raises(BranchspecError, match="differs in branches"):
@@ -182,3 +188,34 @@ def test_top_branch_share_is_one_over_m_for_equal_branches_and_one_for_an_expert
     assert torch.allclose(ac.top_branch_share(equal), torch.full((3,), 0.25))
     expert = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 3.0]])  # a negative vote does not count as a share
     assert torch.allclose(ac.top_branch_share(expert), torch.tensor([1.0, 0.75]))
+
+
+def test_a_short_run_recomputes_batchnorm_statistics_and_is_not_at_chance(tmp_path):
+    """The issue's case: 6 epochs of 2 steps (digits at the default batch of 512). Running statistics after 12
+    steps still lean on their initial values and gave chance accuracy; they are now recomputed."""
+    cfg = ClassifyConfig(data="digits", branches=4, widths=[3, 6, 12, 24], recipe=Recipe(epochs=6))
+    metrics = run_train(cfg, tmp_path / "run", show_progress=False)
+    assert metrics["steps"] == 12 and metrics["batchnorm_recalibrated"] is True
+    assert metrics["test_accuracy"] > 0.3  # chance: 0.1
+    model = load_classifier(tmp_path / "run")[0]
+    x, _, _ = load_split(tmp_path / "run", "train")
+    first = model.branches[0]
+    with torch.no_grad():
+        stem = first.conv1(x)
+    torch.testing.assert_close(first.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-3, rtol=0)  # batch means
+
+
+def test_an_image_folder_without_a_test_split(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("ants", "bees"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"photos/{c}/{i}.png")
+    cfg = dataclasses.replace(TINY, data=str(tmp_path / "photos"), size=8, limit_per_class=None,
+                              test_limit_per_class=None)
+    run_train(cfg, tmp_path / "run", show_progress=False)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["classes"] == ["ants", "bees"] and (config["train_images"], config["test_images"]) == (18, 2)
+    assert "10% of each class held out as the test split (seed 0)" in config["test_split"]

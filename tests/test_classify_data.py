@@ -45,7 +45,7 @@ def test_wrong_layouts_get_clear_errors(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "a.png")
-    with pytest.raises(BranchspecError, match="no 'train' folder"):
+    with pytest.raises(BranchspecError, match="holds no class folders"):
         load_images(flat, show_progress=False)
     root = make_tree(tmp_path / "t", classes=("cat", "dog"))
     (root / "test" / "dog").rename(root / "test" / "bird")
@@ -110,3 +110,33 @@ def test_digits_are_embedded_and_split():
     assert len(train) + len(test) == 1797 and train.images.shape[1:] == (3, 8, 8)
     assert len(test) == 360 and train.classes == [str(c) for c in range(10)]
     assert int(train.images.max()) == 255
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "train-only", "imagefolder-tar"])
+def test_a_tree_without_a_test_split_holds_out_a_seeded_share(tmp_path, layout):
+    """torchvision's ImageFolder (ROOT/<class>/*) and a train-only tree: 10% of each class becomes the test split,
+    the same files at every call, never in both splits; another seed holds out other files."""
+    tree = make_tree(tmp_path / "t", splits=("train",), n=20)
+    source = tree / "train" if layout.startswith("imagefolder") else tree
+    if layout == "imagefolder-tar":
+        source = tmp_path / "flat.tar.gz"
+        with tarfile.open(source, "w:gz") as tar:
+            tar.add(tree / "train", arcname="pets")  # pets/<class>/<file>: no split folders
+    train = load_images(source, "train", size=8, show_progress=False)
+    test = load_images(source, "test", size=8, show_progress=False)
+    assert train.counts() == {"cat": 18, "dog": 18} and test.counts() == {"cat": 2, "dog": 2}
+    assert "10% of each class held out as the test split (seed 0)" in test.origin
+    everything = torch.cat([train.images, test.images]).flatten(1)
+    assert len(torch.unique(everything, dim=0)) == 40  # no image in both splits
+    again = load_images(source, "test", size=8, show_progress=False)
+    assert torch.equal(again.images, test.images)
+    other = load_images(source, "test", size=8, seed=1, show_progress=False)
+    assert not torch.equal(other.images, test.images)
+    assert load_images(source, "test", size=8, holdout=0.25, show_progress=False).counts() == {"cat": 5, "dog": 5}
+    with pytest.raises(BranchspecError, match="holdout must lie between 0 and 1"):
+        load_images(source, "test", holdout=1.0, show_progress=False)
+
+
+def test_a_tree_with_a_test_split_says_so(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    assert load_images(root, "test", size=8, show_progress=False).origin == f"{root}/test"

@@ -152,6 +152,14 @@ def test_cli_apply_on_image_folders_scores_the_frechet_distance_against_no_trans
     assert set(apply["frechet_distance"]) == set(apply["frechet_distance_untranslated"]) == {"bright->dark",
                                                                                             "dark->bright"}
     assert apply["mean_frechet_distance_untranslated"] > 0 and "trained here" in apply["frechet_features"]
+    assert apply["frechet_reliable"] is False and apply["frechet_images_per_domain"] == 6  # 6 images, 8+ features
+    assert (run / "checkpoints" / "frechet_classifier.safetensors").is_file()
+    assert main(["decompose", "apply", "--run", str(run), "--eval-images", "6", "--classifier-steps", "5"]) == 0
+    again = json.loads((run / "apply" / "metrics.json").read_text())
+    assert again["frechet_features"].endswith("(cached)")  # the second apply trains no classifier
+    assert again["mean_frechet_distance"] == pytest.approx(apply["mean_frechet_distance"])
+    err = capsys.readouterr().err
+    assert "unreliable" in err
 
 
 @pytest.mark.parametrize("make, args", [

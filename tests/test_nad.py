@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import nad_helpers as H
 from nad_helpers import single_thread  # noqa: F401 - autouse fixture
@@ -299,3 +300,10 @@ def test_out_of_memory_splits_the_classes_into_smaller_passes(trained, monkeypat
     monkeypatch.setattr(nad, "nad_loss", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(BranchspecError, match="one class per pass"), pytest.warns(UserWarning):
         nad.search(model, x, y, classes=H.CLASSES, layers=layers, settings=settings(), show_progress=False)
+
+
+def test_a_model_without_residual_blocks_gets_its_own_layer_names_suggested():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3),
+                          nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(BranchspecError, match=r"e\.g\. --layers 0,2,4\.$"):  # its convolutions, not another model's names
+        nad.default_layer_names(model)

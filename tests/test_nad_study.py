@@ -79,6 +79,8 @@ def test_search_and_evaluate_a_users_model(user_model, tmp_path, capsys):
     assert metrics["test_accuracy"] > 0.9 and metrics["kept_fraction"]  # the search's metrics are kept
     det = metrics["detection"]
     assert np.asarray(det["matrix"]).shape == (4, 4) and set(det["recall"]) == set(H.CLASSES)
+    test_images = len(list((root / "images" / "test" / H.CLASSES[0]).iterdir()))
+    assert det["images_per_class"] == min(50, test_images)  # what was used, not the setting
     assert 0 <= det["mean_false_positive_rate"] <= 1
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert {"nad_hit_rate.png", "nad_similarity.png", "nad_kept_channels.png", "nad_detection.png",

@@ -29,3 +29,13 @@ def test_metrics_merge_and_atomic_files(tmp_path):
     run.write_metrics({"b": float("nan")})
     assert run.read_metrics() == {"a": 1, "b": None}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_on_a_folder_without_a_run_is_an_error(tmp_path, capsys):
+    from branchspec.cli import main
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no run" in err
+    assert not (tmp_path / "empty" / "report.html").exists()

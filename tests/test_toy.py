@@ -27,6 +27,13 @@ def test_engines_agree_on_the_same_initial_weights():
             np.testing.assert_allclose(b, c, rtol=1e-12, atol=1e-12)
 
 
+def test_progress_counts_the_real_branch_trials():
+    """The bar's total is reached exactly: the padding of the last block of trials is not counted as work."""
+    seen = []
+    train_toy(TOY2, [2, 5], trials=37, cfg=SHORT, seed=3, engine="numba", progress=seen.append)
+    assert sum(seen) == 37 * (2 + 5)
+
+
 def test_one_step_is_gradient_descent_on_the_branched_perceptron_model():
     cfg = ToyTraining(steps=1, lr=0.05, slope=0.2)
     w0, b0 = initial_weights(4, 1, 1.0, seed=0)

@@ -91,8 +91,18 @@ def default_layer_names(model: nn.Module) -> list[str]:
     if not names:
         raise BranchspecError("the model has no residual blocks to gate by default (modules named like layer1.0 "
                               "or of type BasicBlock/Bottleneck); name the layers to gate, e.g. --layers "
-                              "features.4,features.9.")
+                              f"{','.join(_suggested_layers(body))}.")
     return names
+
+
+def _suggested_layers(body: nn.Module, count: int = 3) -> list[str]:
+    """A few of the model's own modules that output feature maps (its deepest convolutions, or else any named
+    modules), to suggest in an error message."""
+    convs = [n for n, m in body.named_modules() if n and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    names = convs or [n for n, _ in body.named_modules() if n]
+    if len(names) <= count:
+        return names
+    return [names[round(i * (len(names) - 1) / count)] for i in range(1, count + 1)]
 
 
 def check_layer_names(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:

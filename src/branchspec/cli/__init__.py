@@ -52,6 +52,30 @@ def _setup_process() -> None:
         log.propagate = False
     if os.environ.get("BRANCHSPEC_RAW_ALLOCATOR") != "1":
         keep_freed_memory()
+    _quiet_dependencies()
+
+
+# What the dependencies print that a user of the command line cannot act on (each was seen in a run's log).
+_SILENCED_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # a deprecation inside Lightning's own code
+    r"The number of training batches .* is smaller than the logging interval",  # short epochs log at their end
+    r"You're resuming from a checkpoint that ended before the epoch ended",  # our batches follow the global step
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",  # ours are always the same
+)
+
+
+def _quiet_dependencies() -> None:
+    """Lightning's adverts and notices (the "Tip", "GPU available", "`Trainer.fit` stopped") and the warnings
+    above; Lightning's own warnings and errors still show."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - it sets its logger's level when imported: import it first
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in _SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: list[str] | None = None) -> int:

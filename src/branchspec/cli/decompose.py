@@ -62,8 +62,9 @@ def register(sub) -> None:
     a.add_argument("--eval-images", type=positive_int, default=500, help="images per domain scored (default: 500)")
     a.add_argument("--features", default=None, help="a TorchScript feature extractor file (e.g. Inception) for the "
                    "Fréchet distance; default: a domain classifier trained here on the same data")
-    a.add_argument("--classifier-steps", type=positive_int, default=2000, help="training steps of that domain "
-                   "classifier (default: 2000)")
+    a.add_argument("--classifier-steps", type=positive_int, default=None, help="training steps of that domain "
+                   "classifier (default: 10 passes over the training images, 200 to 2000); it is kept in "
+                   "RUN/checkpoints for the next apply")
     a.set_defaults(func=_apply)
 
     m = cmds.add_parser("manipulate", help="sweep a component's magnitude and sum subsets (Figs. 13-15)",

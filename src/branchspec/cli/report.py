@@ -14,5 +14,5 @@ def register(sub) -> None:
 def _report(args) -> int:
     from branchspec.report import build_report
 
-    print(f"wrote {build_report(args.run, title=args.title)}")
+    print(f"wrote {build_report(args.run, title=args.title, must_hold_a_run=True)}")
     return 0

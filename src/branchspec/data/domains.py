@@ -68,7 +68,7 @@ def load_domains(source: str | Path, size: int, domains: list[str] | None = None
     domain; ``split`` is ``train`` or ``test`` (``val`` stands in for a missing ``test``).
     """
     check_size(size)
-    data = load_images(source, split, size=size, limit_per_class=limit, show_progress=show_progress)
+    data = load_images(source, split, size=size, limit_per_class=limit, holdout=None, show_progress=show_progress)
     names = list(domains) if domains else data.classes
     missing = [n for n in names if n not in data.classes]
     if missing:

@@ -8,6 +8,9 @@ Sources, all giving an :class:`ImageSet` (uint8 images ``[N, 3, S, S]``, int64 l
   ``batches.meta``);
 - an image tree ``ROOT/<split>/<class>/*.png|jpg|...`` (``split`` = train or test; ``val`` stands in for a
   missing ``test``);
+- a tree with no test split: ``ROOT/train/<class>/*`` alone, or torchvision's ``ImageFolder`` layout
+  ``ROOT/<class>/*``. A seeded share of each class (``holdout``, 10% by default) is then held out as the test
+  split, the same files on every call (``ImageSet.origin`` says which);
 - a ``.tar``/``.tar.gz``/``.tgz`` of such a tree (optionally inside one top folder). Members are read from the
   archive into memory, never written to disk, so no member can land outside it (absolute names, ``..``, links
   and devices are refused).
@@ -39,6 +42,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SPLITS = ("train", "test")
 DIGITS = "digits"
+HOLDOUT = 0.1  # the share of each class held out as the test split of a tree that has none
 
 
 @dataclass
@@ -49,6 +53,7 @@ class ImageSet:
     labels: Tensor
     classes: list[str]
     skipped: dict[str, int] = field(default_factory=dict)  # class -> unreadable files left out
+    origin: str = ""  # where the split came from: its folder, or the held-out share of a tree without one
 
     def __post_init__(self):
         counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist() if len(self.labels) else \
@@ -70,40 +75,94 @@ class ImageSet:
 
 # ------------------------------------------------------------------------------------------------ dispatch
 def load_images(source: str | Path, split: str = "train", *, size: int | None = None, limit_per_class: int | None = None,
-                show_progress: bool = True) -> ImageSet:
+                holdout: float | None = HOLDOUT, seed: int = 0, show_progress: bool = True) -> ImageSet:
     """The ``split`` (train or test) of ``source``: ``"digits"``, a pickle folder, an image tree, or a tar of one.
 
     ``size`` resizes image-tree images (default: 32); ``limit_per_class`` keeps the first N images of each class
-    (in file-name order), for quick runs on a subset.
+    (in file-name order), for quick runs on a subset. A tree without a test split gives ``holdout`` of each
+    class's images, drawn from ``seed``, to ``test`` and the rest to ``train``; with ``holdout=None`` its train
+    split is every image and asking for its test split is an error.
     """
     if split not in SPLITS:
         raise BranchspecError(f"split must be one of {SPLITS}, got {split!r}.")
     if limit_per_class is not None and limit_per_class < 1:
         raise BranchspecError(f"limit_per_class must be a positive integer, got {limit_per_class}.")
+    if holdout is not None and not 0 < holdout < 1:
+        raise BranchspecError(f"holdout must lie between 0 and 1 (a share of each class), got {holdout}.")
     if str(source) == DIGITS:
         data = load_digits(split)
     else:
         path = Path(source)
         if not path.exists():
             raise BranchspecError(f"data source {path} does not exist; give 'digits', a cifar-10-batches-py folder, "
-                                  "an image tree ROOT/train/<class>/*, or a .tar(.gz) of one.")
+                                  "an image tree ROOT/train/<class>/* (or ROOT/<class>/*), or a .tar(.gz) of one.")
+        choice = _Choice(split, holdout, seed, limit_per_class)
         if path.is_file() and path.name.endswith(TAR_SUFFIXES):
-            data = load_image_tar(path, split, size or 32, limit_per_class, show_progress)
+            data = load_image_tar(path, split, size or 32, limit_per_class, show_progress, choice=choice)
         elif path.is_dir() and (path / "batches.meta").is_file():
             data = load_cifar_pickle(path, split)
         elif path.is_dir() and (path / "cifar-10-batches-py" / "batches.meta").is_file():
             data = load_cifar_pickle(path / "cifar-10-batches-py", split)
         elif path.is_dir():
-            data = load_image_tree(path, split, size or 32, limit_per_class, show_progress)
+            data = load_image_tree(path, split, size or 32, limit_per_class, show_progress, choice=choice)
         else:
             raise BranchspecError(f"{path} is neither a folder nor a .tar/.tar.gz archive; give an image tree, "
                                   "a cifar-10-batches-py folder or an archive of an image tree.")
     return _first_per_class(data, limit_per_class) if limit_per_class else data
 
 
+@dataclass
+class _Choice:
+    """Which files of a tree's listing make the split: its own folder, or a held-out share of train."""
+
+    split: str
+    holdout: float | None = HOLDOUT  # None: no held-out split
+    seed: int = 0
+    limit: int | None = None
+
+    def select(self, listing: dict[str, dict[str, list]], where: str) -> tuple[list[str], list[list], str]:
+        """``listing``: split folder (or ``""`` for an ImageFolder tree) → class → items sorted by name. Returns
+        the class names, the items of each class, and the origin of the split."""
+        layout = "ROOT/train/<class>/* with ROOT/test/<class>/*, ROOT/train/<class>/* alone, or ROOT/<class>/*"
+        if "train" in listing:
+            base = "train"
+            own = next((s for s in ((self.split,) if self.split == "train" else ("test", "val")) if s in listing), None)
+            held_out = own is None or (self.split == "train" and not ({"test", "val"} & set(listing)))
+        elif "" in listing:
+            base, own, held_out = "", None, True
+        else:
+            raise BranchspecError(f"{where} holds no class folders; an image tree is laid out as {layout}.")
+        if held_out and self.holdout is None:
+            if self.split == "test":
+                raise BranchspecError(f"{where} has no 'test' folder; an image tree with a test split is laid out "
+                                      "as ROOT/train/<class>/* and ROOT/test/<class>/*.")
+            held_out, own = False, base
+        classes = sorted(listing[base])
+        if len(classes) < 2:
+            raise BranchspecError(f"{where} holds {len(classes)} class folder(s); an image tree needs one folder per "
+                                  f"class (at least 2) with the images inside: {layout}.")
+        if not held_out:
+            found = sorted(listing[own])
+            if found != classes:
+                raise BranchspecError(f"{where}: the {own} split holds class folders {found} and the train split "
+                                      f"{classes}; both splits need the same class folders.")
+            return classes, [listing[own][c] for c in classes], f"{where}/{own}" if own else where
+        items = [self._held_out(listing[base][c], label) for label, c in enumerate(classes)]
+        share = f"{self.holdout:.0%}"
+        return classes, items, (f"{where}{'/train' if base else ''}: {share} of each class held out as the test "
+                                f"split (seed {self.seed}), this is the {self.split} part")
+
+    def _held_out(self, items: list, label: int) -> list:
+        n = len(items)
+        n_test = max(1, round(self.holdout * n)) if n >= 2 else 0
+        order = np.random.default_rng([int(self.seed), label, 0x401D]).permutation(n)
+        chosen = order[:n_test] if self.split == "test" else order[n_test:]
+        return [items[i] for i in sorted(chosen)]
+
+
 def _first_per_class(data: ImageSet, limit: int) -> ImageSet:
     keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:limit] for c in range(len(data.classes))]).sort().values
-    return ImageSet(data.images[keep], data.labels[keep], data.classes, data.skipped)
+    return ImageSet(data.images[keep], data.labels[keep], data.classes, data.skipped, data.origin)
 
 
 # ----------------------------------------------------------------------------------------- reading images
@@ -164,74 +223,67 @@ def _decode_all(items: Iterable[tuple[str, int, object]], total: int, classes: l
 
 # -------------------------------------------------------------------------------------------- image trees
 def load_image_tree(root: str | Path, split: str = "train", size: int = 32, limit_per_class: int | None = None,
-                    show_progress: bool = True) -> ImageSet:
-    """``root/<split>/<class>/*`` (class names: the sorted sub-folders of ``root/train``)."""
+                    show_progress: bool = True, *, choice: _Choice | None = None) -> ImageSet:
+    """``root/<split>/<class>/*``, ``root/train/<class>/*`` alone or ``root/<class>/*`` (class names: the sorted
+    class folders); the last two hold out a test split (:func:`load_images`)."""
     root = Path(root)
-    base = _split_folder(root, split)
-    classes = _class_names(root)
-    found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if found != classes:
-        raise BranchspecError(f"{base} holds class folders {found} but {root / 'train'} holds {classes}; "
-                              "both splits need the same class folders.")
-    files = [(str(p), label, p) for label, c in enumerate(classes)
-             for p in sorted(q for q in (base / c).rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)[:limit_per_class]]
-    return _decode_all(files, len(files), classes, size, str(base), show_progress)
-
-
-def _split_folder(root: Path, split: str) -> Path:
-    for name in (split, "val") if split == "test" else (split,):
-        if (root / name).is_dir():
-            return root / name
-    layout = "ROOT/train/<class>/*.png|jpg and ROOT/test/<class>/*"
-    raise BranchspecError(f"{root} has no '{split}' folder; an image tree must be laid out as {layout}.")
-
-
-def _class_names(root: Path) -> list[str]:
-    train = _split_folder(root, "train")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise BranchspecError(f"{train} holds {len(classes)} class folder(s); an image tree needs one folder per "
-                              "class (at least 2) with the images inside: ROOT/train/<class>/*.png.")
-    return classes
+    choice = choice or _Choice(split)
+    splits = [p for p in root.iterdir() if p.is_dir() and p.name in ("train", "test", "val")]
+    folders = splits if any(p.name == "train" for p in splits) else [root]
+    listing = {}
+    for folder in folders:
+        classes = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        listing["" if folder == root else folder.name] = {
+            c.name: [(str(p), p) for p in sorted(q for q in c.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)]
+            for c in classes}
+    if listing.get("") == {}:
+        listing.pop("")
+    classes, items, origin = choice.select(listing, str(root))
+    files = [(name, label, src) for label, group in enumerate(items) for name, src in group[:limit_per_class]]
+    data = _decode_all(files, len(files), classes, size, origin.split(":")[0], show_progress)
+    data.origin = origin
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- archives
 def load_image_tar(archive: str | Path, split: str = "train", size: int = 32, limit_per_class: int | None = None,
-                   show_progress: bool = True) -> ImageSet:
-    """An image tree inside a tar archive, read in one streaming pass into memory (nothing is written to disk)."""
+                   show_progress: bool = True, *, choice: _Choice | None = None) -> ImageSet:
+    """An image tree inside a tar archive, read in one streaming pass into memory (nothing is written to disk).
+
+    The tree may sit inside top folders: a member ``…/<split>/<class>/<file>`` belongs to a split folder when
+    the archive has a ``train`` folder, else ``…/<class>/<file>`` is an ImageFolder tree."""
     archive = Path(archive)
-    found: dict[str, set[str]] = {}  # split -> classes
-    files: dict[tuple[str, str], list[tuple[str, bytes]]] = {}  # (split, class) -> [(name, bytes)]
+    choice = choice or _Choice(split)
+    members: list[tuple[tuple[str, ...], bytes]] = []
     try:
         with tarfile.open(archive, "r|*") as tar:
             for member in tar:
                 if not _safe_member(member, archive):
                     continue
                 path = PurePosixPath(member.name)
-                if len(path.parts) < 3 or path.suffix.lower() not in IMAGE_SUFFIXES:
+                if len(path.parts) < 2 or path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                # the tree may sit inside top folders: "<split>/<class>/<file>" are the last three parts
-                s, c = path.parts[-3], path.parts[-2]
-                found.setdefault(s, set()).add(c)
-                if s in (split, "val"):
-                    fh = tar.extractfile(member)
-                    files.setdefault((s, c), []).append((member.name, fh.read() if fh else b""))
+                fh = tar.extractfile(member)
+                members.append((path.parts, fh.read() if fh else b""))
     except (tarfile.TarError, EOFError, OSError) as err:
         raise BranchspecError(f"cannot read the archive {archive} ({err}); is it a complete .tar/.tar.gz?") from None
-    layout = "ROOT/train/<class>/*.png and ROOT/test/<class>/*"
-    if "train" not in found:
-        raise BranchspecError(f"{archive} holds no train/<class>/<image> files; the archive must hold an image "
-                              f"tree {layout}.")
-    want = split if split in found or split != "test" else "val"
-    if want not in found:
-        raise BranchspecError(f"{archive} has no '{split}' folder in its image tree ({layout}).")
-    classes = sorted(found["train"])
-    if sorted(found[want]) != classes or len(classes) < 2:
-        raise BranchspecError(f"{archive}: the {want} split holds classes {sorted(found[want])} and the train split "
-                              f"{classes}; both need the same class folders (at least 2).")
-    chosen = [(name, label, io.BytesIO(data)) for label, c in enumerate(classes)
-              for name, data in sorted(files.get((want, c), []))[:limit_per_class]]
-    return _decode_all(chosen, len(chosen), classes, size, f"{archive.name}:{want}", show_progress)
+    split_layout = any(len(parts) >= 3 and parts[-3] == "train" for parts, _ in members)
+    listing: dict[str, dict[str, list]] = {}
+    for parts, data in members:
+        if split_layout and len(parts) >= 3:
+            group, cls = parts[-3], parts[-2]
+        elif split_layout:
+            continue
+        else:
+            group, cls = "", parts[-2]
+        listing.setdefault(group, {}).setdefault(cls, []).append(("/".join(parts), data))
+    listing = {g: {c: sorted(v) for c, v in cl.items()} for g, cl in listing.items()}
+    classes, items, origin = choice.select(listing, archive.name)
+    chosen = [(name, label, io.BytesIO(data)) for label, group in enumerate(items)
+              for name, data in group[:limit_per_class]]
+    out = _decode_all(chosen, len(chosen), classes, size, origin.split(":")[0], show_progress)
+    out.origin = origin
+    return out
 
 
 def _safe_member(member: tarfile.TarInfo, archive: Path) -> bool:

@@ -37,7 +37,8 @@ from branchspec.nets.resnet import (EXECUTIONS, PAPER_WIDTHS, FusedResNet18, as_
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, image_grid, subplots
 from branchspec.rundir import RunDir, atomic_save_npz, atomic_write_bytes, to_plain
-from branchspec.train.classify import BranchedClassifier, Recipe, normalize
+from branchspec.train.classify import (BATCHNORM_SETTLED_STEPS, BranchedClassifier, Recipe, normalize,
+                                       recalibrate_batchnorm)
 from branchspec.train.lightning import check_precision
 
 INIT, WEIGHTS = "init.safetensors", "weights.safetensors"
@@ -60,6 +61,8 @@ class ClassifyConfig:
     size: int | None = None  # image trees: resize to this side (default 32)
     limit_per_class: int | None = None  # train on the first N images of each class (quick runs)
     test_limit_per_class: int | None = None
+    holdout: float = 0.1  # a tree with no test split (ROOT/<class>/*, ROOT/train/ alone): this share is the test
+    split_seed: int = 0  # ... drawn from this seed (not the training seed: every seed of a sweep sees one test set)
     eval_every: int = 1  # evaluate on the test split every N epochs
     accelerator: str = "auto"
     devices: str | int = "auto"
@@ -143,7 +146,7 @@ class Data:
 
 def load_data(cfg: ClassifyConfig, show_progress: bool = True) -> Data:
     """The run's splits and the per-channel mean and std of the training images."""
-    kw = {"size": cfg.size, "show_progress": show_progress}
+    kw = {"size": cfg.size, "holdout": cfg.holdout, "seed": cfg.split_seed, "show_progress": show_progress}
     test = load_images(cfg.data, "test", limit_per_class=cfg.test_limit_per_class, **kw)
     tr = load_images(cfg.data, "train", limit_per_class=cfg.limit_per_class, **kw)
     if tr.classes != test.classes:
@@ -172,7 +175,7 @@ def _device_type(cfg: ClassifyConfig) -> str:
 
 # ------------------------------------------------------------------------------------------------- train
 _RESUME_FREE = {"accelerator", "devices", "num_nodes", "strategy", "precision", "checkpoint_every", "compile",
-                "checkpoint_minutes", "lr_changes",
+                "checkpoint_minutes", "lr_changes", "test_split",
                 "channels_last", "eval_every", "command", "classes", "train_images", "test_images", "skipped_files",
                 "mean", "std"}
 
@@ -195,6 +198,7 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     config = {"command": "classify train", **to_plain(cfg), "classes": data.train.classes,
               "train_images": len(data.train), "test_images": len(data.test),
               "skipped_files": {"train": data.train.skipped, "test": data.test.skipped},
+              "test_split": data.test.origin,
               "mean": data.mean, "std": data.std}
     old = run.read_config() if run.config_path.is_file() else None
     run.check_same_run(config, _RESUME_FREE | ({"lr"} if change_lr else set()))
@@ -232,12 +236,26 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     if trainer.global_step > steps_before:  # the wall-clock of this invocation of fit (Lightning's set-up included)
         run.write_metrics({"fit_seconds": seconds, "fit_steps": trainer.global_step - steps_before,
                            "resumed_from_step": steps_before})
+    recalibrated = trainer.global_step < BATCHNORM_SETTLED_STEPS
+    if recalibrated:  # a short run's running statistics still lean on their initial values: recompute them
+        log.info("%d optimizer steps are too few for BatchNorm's running statistics (momentum 0.1); they are "
+                 "recomputed from the training images", trainer.global_step)
+        x_train = normalize(data.train.images, data.mean, data.std)
+        recalibrate_batchnorm(module.model, x_train.contiguous(memory_format=torch.channels_last)
+                              if module.channels_last else x_train)
     save_weights(module.model, run.checkpoints / WEIGHTS)
     model = load_classifier(run)[0]
     outputs = ac.branch_outputs_in_batches(model, normalize(data.test.images, data.mean, data.std))
     per_branch = sum(p.numel() for p in model.branches[0].parameters())
-    run.write_metrics({"test_accuracy": ac.accuracy(outputs.sum(0), data.test.labels),
-                       "epochs": cfg.recipe.epochs, "steps": trainer.global_step,
+    accuracy = ac.accuracy(outputs.sum(0), data.test.labels)
+    chance = 1 / len(data.train.classes)
+    train_acc = float(trainer.callback_metrics.get("train_acc", float("nan")))
+    if accuracy < 1.5 * chance and train_acc > 2 * chance:
+        log.warning("the test accuracy %.3f is at chance (%.3f) while the last training batches reached %.3f: the "
+                    "model does not carry over to the test split (look at its BatchNorm statistics and the "
+                    "learning rate)", accuracy, chance, train_acc)
+    run.write_metrics({"test_accuracy": accuracy, "epochs": cfg.recipe.epochs, "steps": trainer.global_step,
+                       "batchnorm_recalibrated": recalibrated,
                        "parameters_per_branch": per_branch, "parameters": per_branch * cfg.branches})
     _training_figure(run)
     build_report(run, title=f"Branched classifier (M = {cfg.branches}): training")
@@ -326,7 +344,8 @@ def load_split(run, split: str = "test", device="cpu", show_progress: bool = Fal
     """The run's data split as normalized float images ``[N, C, H, W]``, labels int64 ``[N]``, class names."""
     run, cfg, raw = _config(run)
     limit = cfg.test_limit_per_class if split == "test" else cfg.limit_per_class
-    data = load_images(cfg.data, split, size=cfg.size, limit_per_class=limit, show_progress=show_progress)
+    data = load_images(cfg.data, split, size=cfg.size, limit_per_class=limit, holdout=cfg.holdout, seed=cfg.split_seed,
+                       show_progress=show_progress)
     return normalize(data.images, raw["mean"], raw["std"]).to(device), data.labels.to(device), data.classes
 
 

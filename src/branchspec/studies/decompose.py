@@ -311,7 +311,7 @@ def _first(s: Scenes, n: int) -> Scenes:
 
 # --------------------------------------------------------------------------------------------------- apply
 def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: int = 500, weights: str = "ema",
-              features: str | None = None, classifier_steps: int = 2000, device="cpu",
+              features: str | None = None, classifier_steps: int | None = None, device="cpu",
               show_progress: bool = True) -> dict:
     """Decompose held-out images: re-generation, R and branch outputs (Figs. 9-11, 18-20), translations, and
     the scores (component recovery, PSNR/SSIM against paired truth on scenes; structure fidelity and the
@@ -337,7 +337,7 @@ def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: 
     metrics["structure_fidelity"] = {f"{names[a]}->{names[b]}": structure_fidelity(images[a], t)
                                      for (a, b), t in translated.items()}
     if features is not None or scenes is None:
-        metrics.update(_frechet(cfg, raw, images, translated, features, classifier_steps, device, show_progress))
+        metrics.update(_frechet(run, cfg, raw, images, translated, features, classifier_steps, device, show_progress))
     target.write_metrics(metrics, merge=False)
     _decomposition_figures(target, images, regenerated, translated, names, num_images)
     build_report(run, title="Class-transfer GAN")
@@ -369,26 +369,33 @@ def _scene_scores(run: RunDir, regenerated: list[BranchedOutput], translated: di
     return metrics
 
 
-def _frechet(cfg, raw, images, translated, features, classifier_steps, device, show_progress) -> dict:
+def _frechet(run, cfg, raw, images, translated, features, classifier_steps, device, show_progress) -> dict:
     """The Fréchet distance between translations into b and real images of b, per pair and on average."""
     from branchspec.analysis.features import domain_classifier_extractor, torchscript_extractor
 
     if features:
         extract, description = torchscript_extractor(features, device=device)
     else:
-        extract, description = domain_classifier_extractor(training_data(cfg, show_progress),
-                                                           steps=classifier_steps, seed=cfg.seed, device=device,
-                                                           show_progress=show_progress)
+        extract, description = domain_classifier_extractor(
+            training_data(cfg, show_progress), steps=classifier_steps, seed=cfg.seed, device=device,
+            cache=run.checkpoints / "frechet_classifier.safetensors", show_progress=show_progress)
     real = [batched_features(extract, x, device=device) for x in images]
     names = raw["domain_names"]
     fd = {f"{names[a]}->{names[b]}": frechet_distance(batched_features(extract, t, device=device), real[b])
           for (a, b), t in translated.items()}
     # the baseline: no translation at all, the real images of a scored as images of b
     untranslated = {f"{names[a]}->{names[b]}": frechet_distance(real[a], real[b]) for (a, b) in translated}
+    # a covariance of F features from fewer than F + 1 images is singular: the distance then says little
+    fewest, width = min(len(r) for r in real), real[0].shape[1]
+    reliable = fewest > width
+    if not reliable:
+        log.warning("the Fréchet distances rest on %d images per domain for %d feature dimensions (fewer images than "
+                    "dimensions): they are unreliable, compare them only with each other", fewest, width)
     return {"frechet_distance": fd, "mean_frechet_distance": float(np.mean(list(fd.values()))),
             "frechet_distance_untranslated": untranslated,
             "mean_frechet_distance_untranslated": float(np.mean(list(untranslated.values()))),
-            "frechet_features": description}
+            "frechet_features": description, "frechet_reliable": reliable,
+            "frechet_images_per_domain": fewest, "frechet_feature_dimensions": width}
 
 
 def _decomposition_figures(run: RunDir, images, regenerated, translated, names, num_images: int) -> None:

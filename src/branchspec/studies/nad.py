@@ -346,7 +346,8 @@ def _whether(model, layers, sub: nad.SubArchitectures, x: Tensor, y: Tensor, ecf
     others = ~torch.eye(len(sub.classes), dtype=torch.bool)[tasks]
     recall = D[torch.arange(len(tasks)), tasks]
     fpr = (D * others).sum(1) / others.sum(1).clamp_min(1)
-    return {"images_per_class": ecfg.detection_images, "matrix": D,
+    counts = torch.bincount(y[pick], minlength=len(sub.classes))[tasks]
+    return {"images_per_class": int(counts.min()) if counts.min() == counts.max() else counts.tolist(), "matrix": D,
             "recall": {sub.classes[c]: float(r) for c, r in zip(tasks, recall)},
             "false_positive_rate": {sub.classes[c]: float(f) for c, f in zip(tasks, fpr)},
             "mean_recall": float(recall.mean()), "mean_false_positive_rate": float(fpr.mean())}

@@ -26,6 +26,10 @@ from branchspec.errors import BranchspecError
 from branchspec.losses import get_loss
 
 _SEED_STRIDE = 1_000_003  # mixes (seed, epoch or step, rank) into one generator seed
+# BatchNorm's running statistics are an exponential average with momentum 0.1: after n steps their initial
+# values (mean 0, variance 1) still weigh 0.9^n; below this many steps (0.9^50 < 0.5%) a run's evaluation is
+# unreliable, and :func:`recalibrate_batchnorm` recomputes them.
+BATCHNORM_SETTLED_STEPS = 50
 
 
 @dataclass
@@ -67,6 +71,29 @@ def augment(images: Tensor, generator: torch.Generator, padding: int, flip: bool
         mirror = torch.rand(b, device=images.device, generator=generator) < 0.5
         images = torch.where(mirror[:, None, None, None], images.flip(3), images)
     return images
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: Tensor, batch_size: int = 256) -> int:
+    """Recompute every BatchNorm's running mean and variance as the average over ``images`` (one pass in
+    training mode, no augmentation), as at the end of SWA (``torch.optim.swa_utils.update_bn``). The weights do
+    not change. Returns the number of BatchNorm layers."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size].to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
 
 
 def normalize(images: Tensor, mean, std) -> Tensor:

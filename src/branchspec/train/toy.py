@@ -171,13 +171,14 @@ def _gd_numba(weights: dict[int, tuple[np.ndarray, np.ndarray]], data: ToySet, c
         bp = np.zeros((padded, m))
         wp[:trials], bp[:trials] = w, b
         for start in range(0, padded, _LANES):
-            blocks.append((m, start, offset))
+            blocks.append((m, start, offset, min(_LANES, trials - start)))  # the last block's padding is not work
             flat.append(wp[start : start + _LANES].T.ravel())
             flat.append(bp[start : start + _LANES].T.ravel())
             offset += 2 * m * _LANES
     params = np.concatenate(flat)
     offsets = np.array([blk[2] for blk in blocks], dtype=np.int64)
     sizes = np.array([blk[0] for blk in blocks], dtype=np.int64)
+    real = np.array([blk[0] * blk[3] for blk in blocks], dtype=np.int64)  # branch-trials of each block
     order = np.argsort(-sizes, kind="stable").astype(np.int64)  # largest blocks first: better balance
     # Run in a few chunks so that progress can be shown; each chunk is one parallel program.
     work = np.cumsum(sizes[order])
@@ -190,13 +191,13 @@ def _gd_numba(weights: dict[int, tuple[np.ndarray, np.ndarray]], data: ToySet, c
             kernel(params, offsets, sizes, order[start:end], data.x, data.y, float(cfg.lr), int(cfg.steps),
                    float(cfg.slope), _LANES)
             if progress is not None:
-                progress(int(sizes[order[start:end]].sum()) * _LANES)
+                progress(int(real[order[start:end]].sum()))
         start = end
     out = {}
     for m, (w, _) in weights.items():
         trials = w.shape[0]
         rows_w, rows_b = [], []
-        for mm, first, off in blocks:
+        for mm, first, off, _ in blocks:
             if mm != m:
                 continue
             rows_w.append(params[off : off + m * _LANES].reshape(m, _LANES).T)
