@@ -307,3 +307,33 @@ def test_a_model_without_residual_blocks_gets_its_own_layer_names_suggested():
                           nn.Flatten(), nn.LazyLinear(3))
     with pytest.raises(BranchspecError, match=r"e\.g\. --layers 0,2,4\.$"):  # its convolutions, not another model's names
         nad.default_layer_names(model)
+
+
+def test_ctrl_c_saves_the_search_state_and_says_how_to_resume(trained, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from branchspec.errors import Interrupted
+
+    model, x, y, layers = trained
+    s = settings(steps=7, checkpoint_every=100)
+    reference = nad.search(model, x, y, classes=H.CLASSES, layers=layers, settings=s, show_progress=False)
+    calls = {"n": 0}
+    real = nad.nad_loss
+
+    def ctrl_c_in_step_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the step under way finishes, then the state is saved
+        return real(*a, **kw)
+
+    state = tmp_path / "state.pt"
+    monkeypatch.setattr(nad, "nad_loss", ctrl_c_in_step_3)
+    with pytest.raises(Interrupted, match="after step 3 .*run the same command again"):
+        nad.search(model, x, y, classes=H.CLASSES, layers=layers, settings=s, state_path=state, show_progress=False)
+    monkeypatch.setattr(nad, "nad_loss", real)
+    assert torch.load(state, weights_only=True)["steps_done"] == [3] * 4
+    resumed = nad.search(model, x, y, classes=H.CLASSES, layers=layers, settings=s, state_path=state,
+                         show_progress=False)
+    for u, v in zip(reference.logits, resumed.logits):
+        assert torch.allclose(u, v, atol=1e-6)

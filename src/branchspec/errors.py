@@ -19,3 +19,40 @@ class BranchspecError(ValueError):
 
 class Interrupted(Exception):
     """The user pressed Ctrl-C; the run saved its state. The message says how to resume (the CLI prints it)."""
+
+
+class StopRequest:
+    """Ctrl-C as a request: the first SIGINT sets :attr:`requested` (the work under way finishes and saves), a
+    second one interrupts at once. ``install``/``restore`` (or ``with``) put the handler in place and back; off
+    the main thread, where handlers cannot be set, Ctrl-C keeps its usual meaning."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> "StopRequest":
+        import signal
+        import threading
+
+        self.requested = False
+        if self._previous is None and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import re
+import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -47,8 +48,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from branchspec.branched import Branched
-from branchspec.errors import BranchspecError
+from branchspec.errors import BranchspecError, Interrupted, StopRequest
 from branchspec.rundir import atomic_save_npz, atomic_torch_save, atomic_write_text, to_plain
+
+CHECKPOINT_MINUTES = 10.0  # the search state is also saved after this many minutes of wall-clock
 
 THRESHOLD = 0.5  # the sub-architecture keeps channel j of layer l when σ(m_lj) > 0.5, i.e. m_lj > 0
 OPTIMIZERS = ("normalized", "adam")
@@ -566,46 +569,62 @@ def _search_group(gates, group, images, labels, index, logits, state, settings, 
         if state.get("adam") and state["adam"]["group"] == group:
             opt.load_state_dict(state["adam"]["state"])
     record_every = max(1, total // 100)
-    B = settings.batch_size
     done = torch.tensor([state["steps_done"][c] for c in group])
-    for step in range(begin, total):
-        batch = torch.cat([class_batch(index[c], settings.seed, c, step, B) for c in group])
-        x = images[batch.to(images.device)].to(device)
-        x = torch.cat([_augment(x[i * B:(i + 1) * B], settings.seed, c, step, settings) for i, c in enumerate(group)])
-        y = labels[batch.to(labels.device)].to(device)
-        loss, terms, n_correct = nad_loss(gates, x, y, m, settings.beta, autocast=autocast)
-        ok = (n_correct > 0) & (done <= step).to(n_correct.device)  # after a resume, a class further along waits
-        grads = torch.autograd.grad(loss.sum(), m)
-        if opt is None:
-            normalized_step(m, grads, settings.lr, ok.to(m[0].dtype))
-        else:
-            before = [p.detach().clone() for p in m]
-            for p, g in zip(m, grads):
-                p.grad = g * ok[:, None]
-            opt.step()
-            with torch.no_grad():
-                for p, b in zip(m, before):
-                    p[~ok] = b[~ok]  # a skipped task keeps its gates
-        record = step % record_every == 0 or step == total - 1
-        kept = torch.stack([(p > 0).float().mean(1) for p in m], 1).mean(1) if record else None
-        for i, c in enumerate(group):
-            if done[i] > step:
-                continue
-            state["steps_done"][c] = step + 1
-            state["updates"][c] += int(ok[i])
-            state["correct"][c] += int(n_correct[i])
-            state["seen"][c] += B
-            if record:
-                row = [step, float(loss[i].detach()), *terms[i].tolist(), float(kept[i])]
-                state["history"].setdefault(c, []).append(row)
-        bar.update(len(group))
-        if state_path is not None and ((step + 1) % settings.checkpoint_every == 0 or step == total - 1):
-            for x_all, p in zip(logits, m):
-                x_all[rows] = p.detach().float().cpu()
-            state["adam"] = {"group": group, "state": opt.state_dict()} if opt is not None else None
-            atomic_torch_save(state, state_path)
+    last_save = time.monotonic()
+    with StopRequest() as stop:
+        for step in range(begin, total):
+            _search_step(gates, group, images, labels, index, m, opt, state, settings, total, device, autocast, done,
+                         step, record_every)
+            bar.update(len(group))
+            due = (step + 1) % settings.checkpoint_every == 0 or step == total - 1 or stop.requested or (
+                time.monotonic() - last_save >= 60 * CHECKPOINT_MINUTES)
+            if state_path is not None and due:
+                for x_all, p in zip(logits, m):
+                    x_all[rows] = p.detach().float().cpu()
+                state["adam"] = {"group": group, "state": opt.state_dict()} if opt is not None else None
+                atomic_torch_save(state, state_path)
+                last_save = time.monotonic()
+            if stop.requested:
+                raise Interrupted(f"interrupted after step {step + 1} of the search"
+                                  + (f"; its state is saved in {state_path}: run the same command again to resume it."
+                                     if state_path is not None else "."))
     for x_all, p in zip(logits, m):
         x_all[rows] = p.detach().float().cpu()
+
+
+def _search_step(gates, group, images, labels, index, m, opt, state, settings, total, device, autocast, done, step,
+                 record_every) -> None:
+    """One step of the search of ``group``: the loss on a batch of every class, the gates' update, the state."""
+    B = settings.batch_size
+    batch = torch.cat([class_batch(index[c], settings.seed, c, step, B) for c in group])
+    x = images[batch.to(images.device)].to(device)
+    x = torch.cat([_augment(x[i * B:(i + 1) * B], settings.seed, c, step, settings) for i, c in enumerate(group)])
+    y = labels[batch.to(labels.device)].to(device)
+    loss, terms, n_correct = nad_loss(gates, x, y, m, settings.beta, autocast=autocast)
+    ok = (n_correct > 0) & (done <= step).to(n_correct.device)  # after a resume, a class further along waits
+    grads = torch.autograd.grad(loss.sum(), m)
+    if opt is None:
+        normalized_step(m, grads, settings.lr, ok.to(m[0].dtype))
+    else:
+        before = [p.detach().clone() for p in m]
+        for p, g in zip(m, grads):
+            p.grad = g * ok[:, None]
+        opt.step()
+        with torch.no_grad():
+            for p, b in zip(m, before):
+                p[~ok] = b[~ok]  # a skipped task keeps its gates
+    record = step % record_every == 0 or step == total - 1
+    kept = torch.stack([(p > 0).float().mean(1) for p in m], 1).mean(1) if record else None
+    for i, c in enumerate(group):
+        if done[i] > step:
+            continue
+        state["steps_done"][c] = step + 1
+        state["updates"][c] += int(ok[i])
+        state["correct"][c] += int(n_correct[i])
+        state["seen"][c] += B
+        if record:
+            row = [step, float(loss[i].detach()), *terms[i].tolist(), float(kept[i])]
+            state["history"].setdefault(c, []).append(row)
 
 
 HISTORY_COLUMNS = ("step", "loss", "ce", "mse", "sparsity", "kept_fraction")

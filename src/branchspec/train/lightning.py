@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from branchspec.errors import BranchspecError, Interrupted, log
+from branchspec.errors import BranchspecError, Interrupted, StopRequest, log
 from branchspec.rundir import RunDir, atomic_torch_save
 
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
@@ -88,38 +86,25 @@ class RunCheckpoints(L.Callback):
         self.run, self.every_n_steps, self.minutes = run, every_n_steps, minutes
         self._saved_step: int | None = None
         self._last_time = time.monotonic()
-        self._stop_asked = False
-        self._previous_handler = None
-
-    # ------------------------------------------------------------------------------------------ Ctrl-C
-    def _ask_to_stop(self, signum, frame) -> None:
-        if self._stop_asked:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._stop_asked = True
+        self._stop = StopRequest()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._saved_step, self._last_time, self._stop_asked = trainer.global_step, time.monotonic(), False
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._ask_to_stop)
-
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        self._saved_step, self._last_time = trainer.global_step, time.monotonic()
+        self._stop.install()
 
     # ------------------------------------------------------------------------------------------- saving
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        due = self._stop_asked or bool(self.every_n_steps and step % self.every_n_steps == 0) or (
+        due = self._stop.requested or bool(self.every_n_steps and step % self.every_n_steps == 0) or (
             self.minutes is not None and time.monotonic() - self._last_time >= 60 * self.minutes)
-        stop = self._stop_asked
+        stop = self._stop.requested
         if trainer.world_size > 1:
             due = trainer.strategy.reduce_boolean_decision(due, all=False)
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if due:
             self.save(trainer)
         if stop:
-            self._restore_handler()
+            self._stop.restore()
             raise Interrupted(f"interrupted after step {step}; the run is saved in "
                               f"{self.run.checkpoints / LAST}: run the same command again to resume it.")
 
@@ -128,10 +113,10 @@ class RunCheckpoints(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
-        self._restore_handler()
+        self._stop.restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
+        self._stop.restore()
 
     def save(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` now (all ranks call it; rank 0 writes), the old one becoming ``previous.ckpt``."""
