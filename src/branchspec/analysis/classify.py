@@ -83,12 +83,31 @@ def response_rows(branch_outputs: Tensor) -> np.ndarray:
     return branch_outputs.reshape(branch_outputs.shape[0], -1).double().numpy()
 
 
+CONSTANT_FRACTION = 1e-3  # a branch whose centred response norm is below this share of the largest: constant
+
+
 def activity(branch_outputs: Tensor) -> dict:
-    """Fig. 5: response norms, active (≥ 10% of the largest norm) and silent branches, covariance F·Fᵀ."""
+    """Fig. 5: response norms, active (≥ 10% of the largest norm) and silent branches, covariance F·Fᵀ, on the raw
+    responses (the paper's rule), and the same counts on mean-centred ones.
+
+    Centred: each branch's output minus its mean over the samples (per output dimension). A branch that gives
+    the same vector for every input has a large raw norm but a centred norm of 0: it is active by the paper's
+    rule and silent by the centred one (it only shifts the logits). ``num_constant`` counts the branches whose
+    centred norm is below :data:`CONSTANT_FRACTION` of the largest.
+    """
     F = response_rows(branch_outputs)
     active = active_mask(F)
-    return {"norms": response_norms(F), "active": active, "num_active": int(active.sum()),
-            "num_silent": int((~active).sum()), "covariance": covariance(F) / F.shape[1]}
+    centred = branch_outputs - branch_outputs.mean(1, keepdim=True)
+    Fc = response_rows(centred)
+    active_c = active_mask(Fc)
+    norms, norms_c = response_norms(F), response_norms(Fc)
+    return {"norms": norms, "active": active, "num_active": int(active.sum()),
+            "num_silent": int((~active).sum()), "covariance": covariance(F) / F.shape[1],
+            "norm_ratio_min": float(norms.min() / norms.max()) if norms.max() > 0 else float("nan"),
+            "centred_norms": norms_c, "centred_active": active_c, "num_active_centred": int(active_c.sum()),
+            "num_silent_centred": int((~active_c).sum()),
+            "num_constant": int((norms_c < CONSTANT_FRACTION * norms_c.max()).sum()) if norms_c.max() > 0 else 0,
+            "centred_norm_ratio_min": float(norms_c.min() / norms_c.max()) if norms_c.max() > 0 else float("nan")}
 
 
 def ablation(branch_outputs: Tensor, labels: Tensor) -> dict:

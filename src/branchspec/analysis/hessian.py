@@ -258,3 +258,29 @@ def permuted_block_mass_ratios(H: Tensor, block_sizes, permutations: int = 10, s
         dealt = block[torch.randperm(len(block), generator=gen)]
         ratios.append(float(sq[dealt[:, None] == dealt[None, :]].sum()) / total)
     return torch.tensor(ratios, dtype=torch.float64)
+
+
+def block_coupling(H: Tensor, block_sizes) -> Tensor:
+    """The normalized cross-block coupling ‖H_kl‖_F / √(‖H_kk‖_F ‖H_ll‖_F) for every pair of blocks, ``[M, M]``
+    (1 on the diagonal; 0 between blocks of a block-diagonal matrix; about 1 for a matrix without structure).
+    Unlike the block-mass ratio it does not depend on how many blocks there are, so networks with different
+    block counts compare."""
+    norms = block_squared_norms(H, block_sizes).sqrt()
+    d = torch.diagonal(norms)
+    denom = torch.sqrt(d[:, None] * d[None, :])
+    return torch.where(denom > 0, norms / denom.clamp_min(1e-300), torch.zeros_like(norms))
+
+
+def mean_coupling(coupling: Tensor) -> float:
+    """The mean of :func:`block_coupling` over the pairs k ≠ l."""
+    m = coupling.shape[0]
+    off = ~torch.eye(m, dtype=torch.bool)
+    return float(coupling[off].mean()) if m > 1 else float("nan")
+
+
+def pseudo_block_sizes(n: int, size: int) -> list[int]:
+    """A dense layer's ``n`` parameters dealt in order into blocks of ``size`` (the last one smaller): the
+    pseudo-branches of a network that has none, to score it like a branched one (the dense control)."""
+    if size < 1 or n < 1:
+        raise BranchspecError(f"pseudo-blocks need a positive size and parameter count, got {size} and {n}.")
+    return [size] * (n // size) + ([n % size] if n % size else [])

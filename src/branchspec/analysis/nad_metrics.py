@@ -175,6 +175,20 @@ def misclassification(sim: Tensor, labels: Tensor, predictions: Tensor, searched
     result = {"k": k, "errors": errors, "errors_used": n, "searched_classes": s}
     if n == 0 or others < 1:
         return {**result, "rate": None, "chance": None, "hits": 0, "p_value": None, "by_k": {}}
+    rate_at = _top_k_rates(sim, y, p, pool)
+    by_k = {int(kk): {"rate": float(rate_at(kk).mean()), "chance": kk / others} for kk in range(1, others + 1)}
+    kk = min(k, others)
+    hits = float(rate_at(kk).sum())
+    test = binomtest(int(round(hits)), n, kk / others, alternative="greater")
+    return {**result, "k": kk, "rate": hits / n, "chance": kk / others, "hits": hits,
+            "lift": (hits / n) / (kk / others),
+            "p_value": float(test.pvalue), "by_k": by_k}
+
+
+def _top_k_rates(sim: Tensor, y: Tensor, p: Tensor, pool: Tensor):
+    """``rate_at(k)``: for each error (true y, predicted p), P(y is among the k classes of the pool, p left out,
+    most similar to p), ties broken at random."""
+    n = len(y)
     sim = sim.double()
     in_pool = torch.zeros(sim.shape[0], dtype=torch.bool)
     in_pool[pool] = True
@@ -186,15 +200,71 @@ def misclassification(sim: Tensor, labels: Tensor, predictions: Tensor, searched
     ties = ((rows == target) & candidates).sum(1).double()  # includes the true class itself
 
     def rate_at(kk: int) -> Tensor:
-        return ((kk - greater) / ties).clamp(0, 1)  # P(true class in top kk) under random tie-breaking
+        return ((kk - greater) / ties).clamp(0, 1)
 
-    by_k = {int(kk): {"rate": float(rate_at(kk).mean()), "chance": kk / others} for kk in range(1, others + 1)}
-    kk = min(k, others)
-    hits = float(rate_at(kk).sum())
-    test = binomtest(int(round(hits)), n, kk / others, alternative="greater")
-    return {**result, "k": kk, "rate": hits / n, "chance": kk / others, "hits": hits,
-            "lift": (hits / n) / (kk / others),
-            "p_value": float(test.pvalue), "by_k": by_k}
+    return rate_at
+
+
+def misclassification_permutation(sim: Tensor, labels: Tensor, predictions: Tensor, searched: Tensor, k: int = 3,
+                                  permutations: int = 1000, seed: int = 0) -> dict:
+    """The class-permutation test of :func:`misclassification`: the errors stay as they are (their clustering in
+    a few class pairs included) and the classes of the similarity matrix are relabelled at random,
+    sim'(i, j) = sim(π(i), π(j)). The p-value is the share of relabellings whose top-k rate is at least the
+    observed one. The binomial test instead treats the errors as independent draws against a uniform
+    confusion, which overstates the evidence when errors cluster."""
+    pool = torch.nonzero(searched).flatten()
+    wrong = (predictions != labels) & searched[labels] & searched[predictions]
+    y, p = labels[wrong], predictions[wrong]
+    kk = min(k, len(pool) - 1)
+    if len(y) == 0 or kk < 1:
+        return {"k": kk, "rate": None, "p_value": None, "null_mean": None, "null_95": None, "permutations": 0}
+    observed = float(_top_k_rates(sim, y, p, pool)(kk).mean())
+    gen = torch.Generator().manual_seed(int(seed))
+    null = []
+    for _ in range(int(permutations)):
+        perm = torch.arange(sim.shape[0])
+        perm[pool] = pool[torch.randperm(len(pool), generator=gen)]  # relabel the searched classes among themselves
+        null.append(float(_top_k_rates(sim[perm][:, perm], y, p, pool)(kk).mean()))
+    null = np.asarray(null)
+    return {"k": kk, "rate": observed, "p_value": float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null))),
+            "null_mean": float(null.mean()), "null_95": [float(np.quantile(null, 0.025)),
+                                                        float(np.quantile(null, 0.975))],
+            "permutations": int(permutations)}
+
+
+@torch.no_grad()
+def penultimate_features(model, images: Tensor, batch_size: int = 500, device="cpu") -> Tensor:
+    """The input of the classifier's last linear layer for every image, ``[N, F]`` (for a Branched model, the
+    branches' last linear layers' inputs side by side); the trivial-similarity baseline's features."""
+    from torch import nn
+
+    from branchspec.branched import Branched
+
+    bodies = list(model.branches) if isinstance(model, Branched) else [model]
+    heads = [[m for m in b.modules() if isinstance(m, nn.Linear)][-1:] for b in bodies]
+    if not all(heads):
+        raise BranchspecError("the model has no nn.Linear layer whose input could serve as penultimate features.")
+    seen: list[Tensor] = []
+    handles = [h[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].flatten(1))) for h in heads]
+    parts = []
+    try:
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            seen.clear()
+            model(images[i:i + batch_size].to(device))
+            parts.append(torch.cat(seen, 1).float().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(parts)
+
+
+def feature_similarity(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """The trivial similarity of two classes: the cosine of their mean penultimate features, ``[T, T]``."""
+    onehot = F.one_hot(labels, num_classes).double()
+    means = (onehot.T @ features.double()) / onehot.sum(0).clamp_min(1)[:, None]
+    unit = F.normalize(means, dim=1)
+    return unit @ unit.T
 
 
 # ------------------------------------------------------------------------------------- link to branches
@@ -225,7 +295,10 @@ def branch_link(share: np.ndarray, contribution: np.ndarray, searched: np.ndarra
 
     Returns Pearson's r and Spearman's ρ over all branch×class entries, the mean over classes of the
     per-class Pearson r across branches, and a permutation p-value for r (branches shuffled independently
-    within each class, so each class keeps its own shares). With ``active`` (the active branches of Fig. 5),
+    within each class, so each class keeps its own shares). That null ignores branch main effects: a branch
+    that keeps more channels of every class and contributes more to every class makes r large with no
+    class-specific link. ``interaction_pearson`` is r between the double-centred matrices (main effects
+    removed) and ``interaction_p`` its permutation p-value (classes shuffled within each branch). With ``active`` (the active branches of Fig. 5),
     also the mean share per class held by active and by silent branches.
     """
     from scipy.stats import spearmanr
@@ -240,14 +313,32 @@ def branch_link(share: np.ndarray, contribution: np.ndarray, searched: np.ndarra
     null = np.array([_pearson(rng.permuted(s, axis=0).ravel(), c.ravel()) for _ in range(permutations)])
     p = float((1 + np.sum(null >= r)) / (1 + permutations)) if np.isfinite(r) and permutations else None
     rho = spearmanr(s.ravel(), c.ravel()).statistic if s.std() > 0 and c.std() > 0 else float("nan")
+    interaction = _pearson(double_centred(s).ravel(), double_centred(c).ravel())
+    null_i = np.array([_pearson(double_centred(_permute_within_rows(s, rng)).ravel(), double_centred(c).ravel())
+                       for _ in range(permutations)])
+    p_i = float((1 + np.sum(null_i >= interaction)) / (1 + permutations)) if np.isfinite(interaction) and \
+        permutations else None
     out = {"pearson": r, "spearman": float(rho), "per_class_pearson_mean": float(np.mean(per_class)) if per_class
-           else float("nan"), "permutation_p": p, "permutations": permutations, "classes": int(len(cols))}
+           else float("nan"), "permutation_p": p, "permutations": permutations, "classes": int(len(cols)),
+           # the same without branch and class main effects (a strong branch both keeps more channels and
+           # contributes more): both matrices double-centred; null: classes permuted within each branch
+           "interaction_pearson": interaction, "interaction_p": p_i}
     if active is not None:
         active = np.asarray(active, dtype=bool)
         out["active_branches"] = int(active.sum())
         out["share_in_active"] = float(s[active].sum(0).mean()) if len(cols) else float("nan")
         out["share_expected_if_uniform"] = float(active.mean())
     return out
+
+
+def double_centred(a: np.ndarray) -> np.ndarray:
+    """a − row means − column means + grand mean: what is left after both main effects (the interaction)."""
+    a = np.asarray(a, dtype=np.float64)
+    return a - a.mean(1, keepdims=True) - a.mean(0, keepdims=True) + a.mean()
+
+
+def _permute_within_rows(a: np.ndarray, rng) -> np.ndarray:
+    return rng.permuted(a, axis=1)
 
 
 # ------------------------------------------------------------------------------------- sub-arch. accuracy

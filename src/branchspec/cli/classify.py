@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from branchspec.cli.common import add_trainer_options, finite_float, int_list, positive_int
+from branchspec.cli.common import add_seeds_option, add_trainer_options, finite_float, int_list, positive_int
 
 
 def register(sub) -> None:
@@ -14,6 +14,7 @@ def register(sub) -> None:
                             description="Train M slim ResNet18 branches summed into one classifier; an existing "
                                         "--out with the same options resumes exactly where it stopped.")
     _training(train)
+    add_seeds_option(train)
     train.add_argument("--branches", type=positive_int, default=16, help="M (default: 16)")
     train.set_defaults(func=_train)
 
@@ -47,6 +48,9 @@ def _training(p) -> None:
     p.add_argument("--lr", type=finite_float, default=0.1, help="one-cycle peak learning rate (default: 0.1)")
     p.add_argument("--momentum", type=finite_float, default=0.9, help="Nesterov momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=finite_float, default=5e-4, help="weight decay (default: 5e-4)")
+    p.add_argument("--schedule", choices=("one-cycle", "cosine"), default="one-cycle",
+                   help="learning-rate schedule: one-cycle (peak --lr after a 25%% warm-up) or cosine (from --lr to 0, "
+                        "kuangliu/pytorch-cifar's) (default: one-cycle)")
     p.add_argument("--loss", default="clamped_ce", help="clamped_ce (the paper's, trainable), clamped_ce_literal "
                                                         "(torch.clamp), cross_entropy (plain CE) (default: clamped_ce)")
     p.add_argument("--head-scale", type=finite_float, default=None,
@@ -85,7 +89,7 @@ def _config(args, branches: int):
     from branchspec.train.classify import Recipe
 
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                    weight_decay=args.weight_decay, crop_padding=args.crop_padding,
+                    weight_decay=args.weight_decay, schedule=args.schedule, crop_padding=args.crop_padding,
                     flip=False if args.no_flip else None)
     return ClassifyConfig(data=args.data, branches=branches, widths=list(args.widths), loss=args.loss,
                           head_scale=args.head_scale, execution=args.execution, recipe=recipe, seed=args.seed,
@@ -98,11 +102,20 @@ def _config(args, branches: int):
 
 
 def _train(args) -> int:
+    import dataclasses
+
+    from branchspec.seeds import format_interval, run_seeds
     from branchspec.studies.classify import run_train
 
-    metrics = run_train(_config(args, args.branches), args.out, change_lr=args.change_lr)
-    if metrics:
-        print(f"test accuracy {metrics['test_accuracy']:.4f}; wrote {args.out}/report.html")
+    cfg = _config(args, args.branches)
+    if args.seeds is None:
+        metrics = run_train(cfg, args.out, change_lr=args.change_lr)
+        if metrics:
+            print(f"test accuracy {metrics['test_accuracy']:.4f}; wrote {args.out}/report.html")
+        return 0
+    summary = run_seeds("classify train", args.seeds, args.out, lambda seed, sub: run_train(
+        dataclasses.replace(cfg, seed=seed), sub, change_lr=args.change_lr))
+    print(f"test accuracy {format_interval(summary['test_accuracy'])}; wrote {args.out}/report.html")
     return 0
 
 
@@ -125,9 +138,20 @@ def _analyze(args) -> int:
     if not top or not all(0 < p <= 100 for p in top):
         raise BranchspecError(f"--top-percent values must lie in (0, 100], got {args.top_percent!r}.")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    metrics = run_analyze(args.run, checkpoint=args.checkpoint, samples_per_class=args.samples_per_class,
-                          top_percent=tuple(top), top_branches=args.top_branches, classes=classes, seed=args.seed,
-                          device=args.device)
-    print(f"{metrics['num_active']} active and {metrics['num_silent']} silent branches; "
-          f"wrote {args.run}/analysis and {args.run}/report.html")
+    from branchspec.seeds import for_each_seed
+
+    def analyse(run):
+        return run_analyze(run, checkpoint=args.checkpoint, samples_per_class=args.samples_per_class,
+                           top_percent=tuple(top), top_branches=args.top_branches, classes=classes, seed=args.seed,
+                           device=args.device)
+
+    result = for_each_seed(args.run, analyse)
+    if "num_active" in result:
+        print(f"{result['num_active']} active and {result['num_silent']} silent branches; "
+              f"wrote {args.run}/analysis and {args.run}/report.html")
+    else:
+        from branchspec.seeds import format_interval
+
+        print(f"silent branches over the seeds: {format_interval(result['analysis/num_silent'], 2)}; "
+              f"wrote {args.run}/report.html")
     return 0

@@ -80,3 +80,20 @@ def add_trainer_options(p, checkpoint_every: int | None = None) -> None:
 
 def _devices(text: str) -> int | str:
     return positive_int(text) if text != "auto" else text
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: ``0,1,2`` or ``0-4``: distinct non-negative integers."""
+    from branchspec.errors import BranchspecError
+    from branchspec.seeds import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except BranchspecError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--seeds takes ").rstrip(".")) from None
+
+
+def add_seeds_option(p, what: str = "run") -> None:
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="LIST",
+                   help=f"several seeds, e.g. 0,1,2 or 0-4: one {what} per seed in OUT/seed<N>, and in OUT/metrics.json "
+                        "the mean and 95%% interval of every number over the seeds (replaces --seed)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from branchspec.cli.common import add_trainer_options, finite_float, float_list, int_list, name_list, positive_int
+from branchspec.cli.common import add_seeds_option, add_trainer_options, finite_float, float_list, int_list, name_list, positive_int
 from branchspec.errors import BranchspecError
 
 
@@ -50,6 +50,7 @@ def register(sub) -> None:
     t.add_argument("--iterations", type=positive_int, default=100_000, help="D+G steps (default: 100000)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default: 0)")
     add_trainer_options(t, checkpoint_every=1000)
+    add_seeds_option(t)
     t.add_argument("--eval-every", type=positive_int, default=1000, help="iterations between recorded "
                    "curves and saved generator weights (default: 1000)")
     t.set_defaults(func=_train)
@@ -131,6 +132,17 @@ def _train(args) -> int:
         iterations=args.iterations, seed=args.seed, accelerator=args.device, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every)
+    if args.seeds is not None:
+        import dataclasses
+
+        from branchspec.seeds import format_interval, run_seeds
+
+        summary = run_seeds("decompose train", args.seeds, args.out, lambda seed, sub: run_train(
+            dataclasses.replace(cfg, seed=seed), sub, change_lr=args.change_lr))
+        extra = (f", component recovery {format_interval(summary['latest/recovery_ema'])} (EMA)"
+                 if "latest/recovery_ema" in summary else "")
+        print(f"wrote {args.out}/report.html{extra}")
+        return 0
     metrics = run_train(cfg, args.out, change_lr=args.change_lr)
     last = metrics.get("latest", {})
     extra = f", component recovery {last['recovery_ema']:.3f} (EMA)" if "recovery_ema" in last else ""
@@ -141,6 +153,19 @@ def _train(args) -> int:
 def _apply(args) -> int:
     from branchspec.studies.decompose import run_apply
 
+    from branchspec.seeds import for_each_seed, format_interval, is_seeds_parent
+
+    if is_seeds_parent(args.run):
+        from pathlib import Path
+
+        summary = for_each_seed(args.run, lambda run: run_apply(
+            run, None if args.out is None else Path(args.out) / run.name, num_images=args.num_images,
+            eval_images=args.eval_images, weights=args.weights, features=args.features,
+            classifier_steps=args.classifier_steps, device=args.device))
+        key = "apply/component_recovery" if "apply/component_recovery" in summary else "apply/mean_frechet_distance"
+        print(f"wrote {args.run}/report.html; {key.split('/')[-1].replace('_', ' ')} "
+              f"{format_interval(summary.get(key, {}))}")
+        return 0
     metrics = run_apply(args.run, args.out, num_images=args.num_images, eval_images=args.eval_images,
                         weights=args.weights, features=args.features, classifier_steps=args.classifier_steps,
                         device=args.device)

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--memory-gb", type=finite_float, default=8.0,
                    help="bound on the exact Hessian's working memory: its passes take as many branches and columns "
                         "as fit (default: 8)")
+    p.add_argument("--pseudo-block-filters", type=positive_int, default=5,
+                   help="a run with one branch (a dense network, the control): deal its first-layer filters into "
+                        "pseudo-blocks of this many, scored like branch blocks (default: 5, a branch's first layer)")
     p.add_argument("--permutations", type=positive_int, default=10,
                    help="random permutations for the block-mass baseline (default: 10)")
     p.add_argument("--check-direct", action="store_true",
@@ -62,16 +65,28 @@ def register(sub) -> None:
 
 
 def _hessian(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from branchspec.seeds import for_each_seed, format_interval, is_seeds_parent
     from branchspec.studies.hessian import HessianConfig, run_hessian
 
     cfg = HessianConfig(run=args.run, checkpoints=args.checkpoint, params=args.params, analyses=args.analyses,
                         samples=args.samples, split=args.split, seed=args.seed, batchnorm=args.batchnorm,
                         device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, memory_gb=args.memory_gb,
+                        pseudo_block_filters=args.pseudo_block_filters,
                         permutations=args.permutations, check_direct=args.check_direct,
                         toy_branches=args.toy_branches, toy_trial=args.toy_trial,
                         spectrum_params=args.spectrum_params, spectrum_samples=args.spectrum_samples,
                         batch_size=args.batch_size, probes=args.probes, block_probes=args.block_probes,
                         top_n=args.top_n, lanczos_steps=args.lanczos_steps)
+    if is_seeds_parent(args.run):  # every seed's run, into RUN/seed<N>/hessian (or OUT/seed<N>), then the intervals
+        summary = for_each_seed(args.run, lambda run: run_hessian(
+            dataclasses.replace(cfg, run=str(run)), None if args.out is None else Path(args.out) / run.name))
+        ratios = ", ".join(f"{k.split('/')[-1]}: {format_interval(v)}" for k, v in summary.items()
+                           if k.startswith("hessian/block_mass_ratio/"))
+        print(f"wrote {args.run}/report.html (block-mass ratio {ratios})")
+        return 0
     metrics = run_hessian(cfg, args.out)
     ratios = ", ".join(f"{k}: {v:.3f}" for k, v in metrics.get("block_mass_ratio", {}).items())
     print(f"wrote {args.out or args.run + '/hessian'}/report.html" + (f" (block-mass ratio {ratios})" if ratios else ""))

@@ -38,7 +38,7 @@ from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, image_grid, subplots
 from branchspec.rundir import RunDir, atomic_save_npz, atomic_write_bytes, to_plain
 from branchspec.train.classify import (BATCHNORM_SETTLED_STEPS, BranchedClassifier, Recipe, normalize,
-                                       recalibrate_batchnorm)
+                                       recalibrate_batchnorm, total_weight_decay)
 from branchspec.train.lightning import check_precision
 
 INIT, WEIGHTS = "init.safetensors", "weights.safetensors"
@@ -255,6 +255,7 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
                     "model does not carry over to the test split (look at its BatchNorm statistics and the "
                     "learning rate)", accuracy, chance, train_acc)
     run.write_metrics({"test_accuracy": accuracy, "epochs": cfg.recipe.epochs, "steps": trainer.global_step,
+                       "total_weight_decay": total_weight_decay(cfg.recipe, trainer.global_step),
                        "batchnorm_recalibrated": recalibrated,
                        "parameters_per_branch": per_branch, "parameters": per_branch * cfg.branches})
     _training_figure(run)
@@ -390,9 +391,15 @@ def run_analyze(run, *, checkpoint: str = "last", samples_per_class: int = 20, t
         "test_accuracy": abl["full"],
         "num_active": act["num_active"], "num_silent": act["num_silent"],
         "num_active_at_init": act0["num_active"],
-        "active": act["active"], "response_norms": act["norms"],
+        "active": act["active"], "response_norms": act["norms"], "norm_ratio_min": act["norm_ratio_min"],
+        # the same on mean-centred responses: a branch that outputs one vector for every input is silent here
+        "num_active_centred": act["num_active_centred"], "num_silent_centred": act["num_silent_centred"],
+        "num_constant": act["num_constant"], "centred_norm_ratio_min": act["centred_norm_ratio_min"],
+        "centred_response_norms": act["centred_norms"],
         "mean_abs_offdiagonal_correlation": _offdiagonal_correlation(V, act["active"]),
         "mean_abs_offdiagonal_correlation_at_init": _offdiagonal_correlation(V0, act0["active"]),
+        "mean_abs_correlation_all": _offdiagonal_correlation(V, None),
+        "mean_abs_correlation_all_at_init": _offdiagonal_correlation(V0, None),
         "covariance": act["covariance"],
         "contribution": contrib,
         "mean_top_branch_share": float(ac.top_branch_share(contrib).mean()),

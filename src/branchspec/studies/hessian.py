@@ -29,8 +29,8 @@ from torch import Tensor
 
 from branchspec.analysis.batchnorm import batchnorm_mode, check_batchnorm_mode
 from branchspec.analysis.gradients import equilibrium_statistics
-from branchspec.analysis.hessian import (block_mass_ratio, block_squared_norms, exact_hessian, mass_ratio,
-                                         permuted_block_mass_ratios)
+from branchspec.analysis.hessian import (block_coupling, block_mass_ratio, block_squared_norms, exact_hessian,
+                                         mass_ratio, mean_coupling, permuted_block_mass_ratios, pseudo_block_sizes)
 from branchspec.analysis.selection import FIRST_LAYER, select_parameters
 from branchspec.analysis.spectrum import (HessianOperator, density_curve, eigenvalue_density,
                                           hutchinson_block_masses, hutchinson_trace, top_eigenvalues)
@@ -67,6 +67,8 @@ class HessianConfig:
     dtype: str = "float32"
     chunk_size: int = 16
     memory_gb: float | None = 8.0  # bound on the exact Hessian's working memory (None: all branches in one pass)
+    pseudo_block_filters: int | None = 5  # one branch (a dense network): its filters dealt into blocks of this many
+    # (5: a branch's first layer in the paper's widths), the dense control of the block structure
     permutations: int = 10
     check_direct: bool = False
     toy_branches: int | None = None  # toy sweeps: which M (default: the covariance example's M, else the largest)
@@ -269,10 +271,19 @@ def _hessian_piece(run: RunDir, cfg: HessianConfig, case: Case, name: str, show_
         exact_hessian(case.model, case.inputs[:2], case.target[:2], case.loss, sel, method=method, **kw)
     H, seconds = _timed(cfg.device, exact_hessian, case.model, case.inputs, case.target, case.loss, sel,
                         chunk_size=cfg.chunk_size, memory_gb=cfg.memory_gb, show_progress=show_progress, **kw)
-    ratios = permuted_block_mass_ratios(H, sel.block_sizes, cfg.permutations, cfg.seed)
-    values = {"block_mass_ratio": block_mass_ratio(H, sel.block_sizes),
+    sizes = sel.block_sizes
+    if len(sel.branches) == 1 and cfg.pseudo_block_filters:  # the dense control: pseudo-branches of its filters
+        per_filter = sel.size // _first_layer_filters(case.model, sel)
+        sizes = pseudo_block_sizes(sel.size, cfg.pseudo_block_filters * per_filter)
+    ratios = permuted_block_mass_ratios(H, sizes, cfg.permutations, cfg.seed)
+    coupling = block_coupling(H, sizes)
+    values = {"block_mass_ratio": block_mass_ratio(H, sizes),
               "block_mass_ratio_permuted": float(ratios.mean()) if len(ratios) else None,
               "block_mass_ratio_permuted_std": float(ratios.std()) if len(ratios) > 1 else None,
+              # how much of the way from a random dealing (0) to block-diagonal (1): comparable across block counts
+              "block_mass_excess": (block_mass_ratio(H, sizes) - float(ratios.mean())) / (1 - float(ratios.mean()))
+              if len(ratios) else None,
+              "block_coupling": coupling, "mean_block_coupling": mean_coupling(coupling),
               "hessian_seconds": seconds}
     if cfg.check_direct:
         D, direct_seconds = _timed(cfg.device, exact_hessian, case.model, case.inputs, case.target, case.loss, sel,
@@ -280,11 +291,17 @@ def _hessian_piece(run: RunDir, cfg: HessianConfig, case: Case, name: str, show_
         values.update(direct_seconds=direct_seconds, direct_relative_difference=float((H - D).norm() / D.norm()))
     with torch.no_grad(), batchnorm_mode(case.model, cfg.batchnorm):
         values["loss"] = float(get_loss(case.loss)(case.model(case.inputs), case.target).mean())
-    atomic_torch_save({"hessian": H.detach().cpu(), "block_sizes": torch.tensor(sel.block_sizes)},
+    atomic_torch_save({"hessian": H.detach().cpu(), "block_sizes": torch.tensor(sizes)},
                       run.checkpoints / f"hessian_{name}.pt")
-    run.write_metrics({"parameters": sel.size, "branches": len(sel.branches), "selection": list(sel.names),
-                       "samples": len(case.target)})
+    run.write_metrics({"parameters": sel.size, "branches": len(sel.branches), "blocks": len(sizes),
+                       "pseudo_blocks": len(sel.branches) == 1 and bool(cfg.pseudo_block_filters),
+                       "selection": list(sel.names), "samples": len(case.target)})
     _merge(run, name, values)
+
+
+def _first_layer_filters(model: Branched, sel) -> int:
+    """The output channels (filters) of the selected parameters' first tensor (a convolution's weight)."""
+    return int(dict(model.named_branch_parameters(sel.branches[0]))[sel.names[0]].shape[0])
 
 
 def _equilibrium_piece(run: RunDir, cfg: HessianConfig, case: Case, name: str, show_progress: bool) -> None:

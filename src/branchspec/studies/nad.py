@@ -323,8 +323,8 @@ def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None, *, show_prog
     if sub.searched.any():
         metrics["detection"] = _whether(model, layers, sub, x, y, ecfg, device, autocast)
         metrics.update(_similarity(per_layer, sub, names))
-        metrics["misclassification"] = nm.misclassification(per_layer.mean(0), y, predictions, sub.searched,
-                                                             ecfg.top_k)
+        metrics["misclassification"] = _misclassification(per_layer.mean(0), source.model, x, y, predictions, sub,
+                                                          ecfg, device)
         metrics["hit_rate"] = _where(run, model, layers, sub, x, y, ecfg, device, autocast)
         if source.branched:
             metrics["branch_link"] = _branch_link(model, source, sub, layers, ecfg)
@@ -332,6 +332,27 @@ def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None, *, show_prog
     run.write_metrics(metrics)
     build_report(run, title="NAD: sub-architectures")
     return run.read_metrics()
+
+
+def _misclassification(sim: Tensor, model, x: Tensor, y: Tensor, predictions: Tensor, sub: nad.SubArchitectures,
+                       ecfg: EvalConfig, device) -> dict:
+    """The misclassification statistic with its binomial test, the class-permutation test (errors fixed, the
+    similarity's classes relabelled), and the same two for the trivial similarity of class-mean penultimate
+    features (``trivial_baseline``): what the sub-architectures add over the features alone."""
+    out = nm.misclassification(sim, y, predictions, sub.searched, ecfg.top_k)
+    perm = nm.misclassification_permutation(sim, y, predictions, sub.searched, ecfg.top_k,
+                                            permutations=ecfg.permutations, seed=ecfg.seed)
+    out["permutation_p"], out["permutation_null_mean"], out["permutation_null_95"] = (
+        perm["p_value"], perm["null_mean"], perm["null_95"])
+    features = nm.penultimate_features(model.to(device), x, device=device)
+    trivial = nm.feature_similarity(features, y, len(sub.classes))
+    base = nm.misclassification(trivial, y, predictions, sub.searched, ecfg.top_k)
+    base_perm = nm.misclassification_permutation(trivial, y, predictions, sub.searched, ecfg.top_k,
+                                                 permutations=ecfg.permutations, seed=ecfg.seed)
+    out["trivial_baseline"] = {"similarity": "cosine of the class-mean penultimate features", "rate": base["rate"],
+                               "chance": base["chance"], "p_value": base["p_value"],
+                               "permutation_p": base_perm["p_value"]}
+    return out
 
 
 def _whether(model, layers, sub: nad.SubArchitectures, x: Tensor, y: Tensor, ecfg: EvalConfig, device,

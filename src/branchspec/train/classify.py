@@ -32,6 +32,9 @@ _SEED_STRIDE = 1_000_003  # mixes (seed, epoch or step, rank) into one generator
 BATCHNORM_SETTLED_STEPS = 50
 
 
+SCHEDULES = ("one-cycle", "cosine")
+
+
 @dataclass
 class Recipe:
     """The optimization recipe: SGD, Nesterov momentum, one-cycle learning rate, batch 512."""
@@ -41,18 +44,44 @@ class Recipe:
     lr: float = 0.1  # the one-cycle peak
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup: float = 0.25  # share of the steps spent rising to the peak
+    warmup: float = 0.25  # one-cycle: share of the steps spent rising to the peak
+    schedule: str = "one-cycle"  # "one-cycle" (peak lr after the warm-up) or "cosine" (from lr down to 0, per step)
     crop_padding: int | None = None  # random crop with this zero padding (0: none; None: 4, digits 1)
     flip: bool | None = None  # random horizontal flip (None: yes, digits no)
 
     def check(self) -> "Recipe":
         if self.epochs < 1 or self.batch_size < 1:
             raise BranchspecError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}.")
+        if self.schedule not in SCHEDULES:
+            raise BranchspecError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 < self.warmup < 1
                 and (self.crop_padding or 0) >= 0):
             raise BranchspecError(f"invalid training recipe {self}: need lr > 0, 0 ≤ momentum < 1, weight decay ≥ 0, "
                                   "0 < warmup < 1 and crop padding ≥ 0.")
         return self
+
+
+def schedule(opt: torch.optim.Optimizer, recipe: Recipe, total: int):
+    """The learning-rate schedule of ``recipe`` over ``total`` steps (stepped once per step)."""
+    if recipe.schedule == "cosine":  # kuangliu/pytorch-cifar's: cosine from lr to 0 (here per step), no warm-up
+        for group in opt.param_groups:
+            group["max_lr"] = recipe.lr  # what a resume with a changed rate scales (set_learning_rate)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=recipe.warmup,
+                                               anneal_strategy="linear", div_factor=25, final_div_factor=1e3)
+
+
+def total_weight_decay(recipe: Recipe, total: int) -> float:
+    """Σ_t lr_t · wd over the run's ``total`` steps: how far weight decay pulls every weight towards 0 in all
+    (each step multiplies a weight by 1 − lr_t·wd; the run, roughly, by exp(−Σ lr_t·wd))."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+    sched = schedule(opt, recipe, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return float(sum(lrs) * recipe.weight_decay)
 
 
 def augment(images: Tensor, generator: torch.Generator, padding: int, flip: bool) -> Tensor:
@@ -223,7 +252,5 @@ class BranchedClassifier(L.LightningModule):
         r = self.recipe
         opt = torch.optim.SGD(self.model.parameters(), lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0,
                               weight_decay=r.weight_decay)
-        total = r.epochs * self.steps_per_epoch
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=total, pct_start=r.warmup,
-                                                    anneal_strategy="linear", div_factor=25, final_div_factor=1e3)
+        sched = schedule(opt, r, r.epochs * self.steps_per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
