@@ -136,16 +136,19 @@ def test_diffusion_network_size_and_start():
     assert count(p) == 40_211  # App. E: "4.05·10⁴ parameters"
     assert len(p.layers) == 8
     u = torch.randn(1, 3, 16, 16, dtype=torch.float64)
-    p = p.double()
+    assert torch.equal(p.double()(u), torch.zeros_like(u))  # the paper's form starts at p = 0: R = x, φ = 0
+    p = DiffusionNet(heat=1.0).double()
     lap = -4 * u[..., 5, 5] + u[..., 4, 5] + u[..., 6, 5] + u[..., 5, 4] + u[..., 5, 6]
-    torch.testing.assert_close(p(u)[..., 5, 5], -lap)  # at initialization p(u) = −Δu: the heat equation
+    torch.testing.assert_close(p(u)[..., 5, 5], -lap)  # with the heat term: p(u) = −Δu, the heat equation
 
 
+@pytest.mark.parametrize("heat", [0.0, 1.0])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_learnt_diffusion_reconstruction_identity(seed):
-    """x = Σ_k φ_k + R with R = T·p(u(T)) + u(T) (Eq. 17), for any weights of p, to floating-point error."""
+def test_learnt_diffusion_reconstruction_identity(seed, heat):
+    """x = Σ_k φ_k + R with R = T·p(u(T)) + u(T) (Eq. 17), for any weights of p, with and without the heat
+    term, to floating-point error."""
     torch.manual_seed(seed)
-    diffusion = LearntDiffusion(num_branches=9, dt=0.15).double()
+    diffusion = LearntDiffusion(num_branches=9, dt=0.15, heat=heat).double()
     for q in diffusion.p.parameters():
         torch.nn.init.normal_(q, std=0.05)  # a nonlinear p that keeps u bounded over the 10 steps
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)

@@ -39,11 +39,15 @@ def register(sub) -> None:
                         "(default: diffusion)")
     t.add_argument("--sigma", type=finite_float, default=None, help="Gaussian R: σ in pixels (default: size/16)")
     t.add_argument("--dt", type=finite_float, default=0.2, help="diffusion R: time step (default: 0.2)")
+    t.add_argument("--heat", type=finite_float, default=0.0, help="diffusion R: a fixed heat-flow term κ added to p "
+                   "(0: the paper's form, p alone; 1: R starts as a heat-equation blur) (default: 0)")
     t.add_argument("--d-width", type=finite_float, default=1.0, help="discriminator width, times "
                    "StarGAN-v2's (default: 1)")
     t.add_argument("--execution", choices=("fused", "loop", "vmap"), default="fused",
                    help="fused: the M branches as one grouped network (default); loop: one call per branch")
     t.add_argument("--lr", type=finite_float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    t.add_argument("--mapping-lr", type=finite_float, default=1e-6, help="Adam learning rate of the branches' "
+                   "mapping networks, StarGAN-v2's f_lr (default: 1e-6)")
     t.add_argument("--ema", type=finite_float, default=0.999, help="EMA decay of G (default: 0.999)")
     t.add_argument("--r1", type=finite_float, default=1.0, help="R1 weight γ (default: 1)")
     t.add_argument("--batch-size", type=positive_int, default=8, help="per device (default: 8)")
@@ -128,7 +132,8 @@ def _train(args) -> int:
         data=args.data, size=args.size, **given, branches=args.branches,
         generator=GeneratorConfig(width=args.width, dim_in=args.dim_in, max_conv_dim=args.max_conv_dim),
         residual=args.residual, sigma=args.sigma, dt=args.dt, d_width=args.d_width, execution=args.execution,
-        recipe=GANRecipe(lr=args.lr, ema_decay=args.ema, r1_gamma=args.r1), batch_size=args.batch_size,
+        heat=args.heat, recipe=GANRecipe(lr=args.lr, mapping_lr=args.mapping_lr, ema_decay=args.ema, r1_gamma=args.r1),
+        batch_size=args.batch_size,
         iterations=args.iterations, seed=args.seed, accelerator=args.device, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every)

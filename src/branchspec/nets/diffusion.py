@@ -49,14 +49,16 @@ class DiffusionNet(nn.Module):
     ×2 → 32→24, ×2 → 24→16, 16→C, with additive skips at the two upsampled scales: 40,211 parameters for
     C = 3 (the paper: 4.05·10⁴). The image side must be divisible by 4.
 
-    A fixed heat-flow term −κΔu (5-point Laplacian, no parameters) is added, and the last layer starts at zero:
-    at initialization the diffusion is the heat equation, R a smoothed x and φ_k its scale bands; training then
-    makes it nonlinear. (The paper does not say how p starts; see docs/decompose.md.)
+    The last layer starts at zero. ``heat`` = κ adds a fixed heat-flow term −κΔu (5-point Laplacian, no
+    parameters): with κ > 0 the diffusion starts as the heat equation (R a smoothed x, φ_k its scale bands) and
+    R stays partly a blur whatever p learns. The paper's form is κ = 0 (p alone, which "is learnt to be a
+    smoothing operator"): p then starts at zero (φ_k = 0, R = x) and whatever smoothing R does is learnt. (The
+    paper does not say how p starts; see docs/decompose.md.)
     """
 
     WIDTHS = (16, 24, 32, 32, 32, 24, 16)
 
-    def __init__(self, channels: int = 3, heat: float = 1.0):
+    def __init__(self, channels: int = 3, heat: float = 0.0):
         super().__init__()
         w = self.WIDTHS
         dims = (channels, *w, channels)
@@ -72,8 +74,6 @@ class DiffusionNet(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         c = u.shape[1]
-        lap = F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"),
-                       self.laplacian.to(u.dtype).expand(c, 1, 3, 3), groups=c)
         h1 = F.leaky_relu(self.layers[0](u), 0.2)
         h2 = F.leaky_relu(self.layers[1](h1), 0.2)
         h = h2
@@ -81,7 +81,11 @@ class DiffusionNet(nn.Module):
             h = F.leaky_relu(layer(h), 0.2)
         h = F.leaky_relu(self.layers[5](F.interpolate(h, scale_factor=2.0)), 0.2) + h2
         h = F.leaky_relu(self.layers[6](F.interpolate(h, scale_factor=2.0)), 0.2) + h1
-        return self.layers[7](h) - self.heat * lap
+        out = self.layers[7](h)
+        if self.heat:
+            out = out - self.heat * F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"),
+                                             self.laplacian.to(u.dtype).expand(c, 1, 3, 3), groups=c)
+        return out
 
 
 class LearntDiffusion(nn.Module):
@@ -93,13 +97,13 @@ class LearntDiffusion(nn.Module):
     p is evaluated M + 1 times ("M + 1 steps"), always with the same weights (a recurrent network).
     """
 
-    def __init__(self, num_branches: int = 9, dt: float = 0.2, channels: int = 3):
+    def __init__(self, num_branches: int = 9, dt: float = 0.2, channels: int = 3, heat: float = 0.0):
         super().__init__()
-        if num_branches < 1 or not dt > 0 or not math.isfinite(dt):
-            raise BranchspecError(f"the diffusion needs M ≥ 1 steps and a positive dt, got M={num_branches}, "
-                                  f"dt={dt}.")
+        if num_branches < 1 or not dt > 0 or not math.isfinite(dt) or not (math.isfinite(heat) and heat >= 0):
+            raise BranchspecError(f"the diffusion needs M ≥ 1 steps, a positive dt and a heat term ≥ 0, got "
+                                  f"M={num_branches}, dt={dt}, heat={heat}.")
         self.num_branches, self.dt = num_branches, float(dt)
-        self.p = DiffusionNet(channels)
+        self.p = DiffusionNet(channels, heat=heat)
 
     def trajectory(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u_0..u_M ``[M+1, B, C, H, W]`` and p(u_0)..p(u_M) ``[M+1, B, C, H, W]``."""
@@ -121,10 +125,11 @@ class LearntDiffusion(nn.Module):
 
 
 def make_residual(kind: str, *, num_branches: int, img_size: int, sigma: float | None = None,
-                  dt: float = 0.2) -> nn.Module | None:
-    """R by name: ``"diffusion"`` (App. E), ``"gaussian"`` (σ defaults to img_size/16) or ``"none"``."""
+                  dt: float = 0.2, heat: float = 0.0) -> nn.Module | None:
+    """R by name: ``"diffusion"`` (App. E; ``heat``: its optional heat-flow term), ``"gaussian"`` (σ defaults to
+    img_size/16) or ``"none"``."""
     if kind == "diffusion":
-        return LearntDiffusion(num_branches, dt=dt)
+        return LearntDiffusion(num_branches, dt=dt, heat=heat)
     if kind == "gaussian":
         return GaussianSmoothing(sigma if sigma is not None else img_size / 16)
     if kind == "none":

@@ -6,8 +6,8 @@ style, diversity and cycle terms; fidelity to the input comes from R in Eq. 15):
     L_D = softplus(−D(x, y)) + softplus(D(G(x, ỹ), ỹ)) + γ/2 · ‖∇_x D(x, y)‖²     (γ = 1)
     L_G = softplus(−D(G(x, ỹ), ỹ))
 
-with x a real image of domain y and ỹ a target domain. Adam at lr 1e-4, β = (0, 0.99), weight decay 1e-4,
-and an exponential moving average of G at 0.999 (StarGAN-v2's recipe). Optimization is manual: one D step
+with x a real image of domain y and ỹ a target domain. Adam at lr 1e-4 (the mapping networks at 1e-6, StarGAN-v2's
+f_lr), β = (0, 0.99), weight decay 1e-4, and an exponential moving average of G at 0.999 (StarGAN-v2's recipe). Optimization is manual: one D step
 and one G step per iteration, G's output computed once and shared by both.
 
 The iteration counter is a buffer, so it is saved in every checkpoint; the batch of iteration t is made from
@@ -35,6 +35,7 @@ class GANRecipe:
     """The optimization recipe (StarGAN-v2's, without its extra losses)."""
 
     lr: float = 1e-4
+    mapping_lr: float = 1e-6  # StarGAN-v2's f_lr: the mapping network (domain code → style) learns 100× slower
     beta1: float = 0.0
     beta2: float = 0.99
     weight_decay: float = 1e-4
@@ -42,7 +43,7 @@ class GANRecipe:
     ema_decay: float = 0.999
 
     def check(self) -> "GANRecipe":
-        if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0
+        if not (self.lr > 0 and self.mapping_lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0
                 and self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
             raise BranchspecError(f"invalid GAN recipe {self}: need lr > 0, 0 ≤ β < 1, weight decay ≥ 0, γ ≥ 0 "
                                   "and 0 ≤ EMA decay < 1.")
@@ -77,17 +78,22 @@ class ClassTransferGAN(L.LightningModule):
     def configure_optimizers(self):
         r = self.recipe
 
-        def adam(module):
-            return torch.optim.Adam(module.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), weight_decay=r.weight_decay)
+        def adam(groups):
+            return torch.optim.Adam(groups, lr=r.lr, betas=(r.beta1, r.beta2), weight_decay=r.weight_decay)
 
-        return [adam(self.discriminator), adam(self.generator)]
+        mapping = [p for n, p in self.generator.named_parameters() if _is_mapping(n)]
+        rest = [p for n, p in self.generator.named_parameters() if not _is_mapping(n)]
+        groups = [{"params": rest, "lr": r.lr, "name": "generator"}]
+        if mapping:
+            groups.append({"params": mapping, "lr": r.mapping_lr, "name": "mapping"})
+        return [adam([{"params": list(self.discriminator.parameters()), "lr": r.lr, "name": "discriminator"}]),
+                adam(groups)]
 
     def on_train_start(self) -> None:
-        """After a resume with a changed learning rate (``run_train(change_lr=True)``), the new rate in both."""
-        from branchspec.train.lightning import set_learning_rate
-
+        """After a resume with a changed learning rate (``run_train(change_lr=True)``), the new rates."""
         for opt in self.trainer.optimizers:
-            set_learning_rate(opt, self.recipe.lr)
+            for group in opt.param_groups:
+                group["lr"] = self.recipe.mapping_lr if group.get("name") == "mapping" else self.recipe.lr
 
     def train_dataloader(self) -> DataLoader:
         if self.data is None:
@@ -132,6 +138,11 @@ class ClassTransferGAN(L.LightningModule):
             p_ema.lerp_(p.detach(), 1 - beta)
         for b_ema, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
             b_ema.copy_(b)
+
+
+def _is_mapping(name: str) -> bool:
+    """A parameter of a branch's mapping network (its domain codes and MLP), in the loop or fused generator."""
+    return ".mapping." in f".{name}"
 
 
 class _RemainingSteps:
