@@ -187,3 +187,55 @@ def test_cli_options_of_the_other_kind_of_data_are_an_error_not_ignored(tmp_path
                  *out]) == 2
     assert "--num-scenes, --eval-scenes: only for the layered scenes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_apply_manipulate_segment_on_a_folder_of_own_images(tmp_path, capsys):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    assert main(["decompose", "train", "--out", str(run), "--num-scenes", "24", *TINY_CLI]) == 0
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)).save(photos / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (20, 26, 4), dtype=np.uint8), "RGBA").save(photos / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (18, 18), dtype=np.uint16)).save(photos / "sub" / "deep.png")
+    (photos / "broken.jpg").write_bytes(b"no image here")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="1 of 4"):
+        assert main(["decompose", "apply", "--run", str(run), "--images", str(photos), "--num-images", "3"]) == 0
+    out = capsys.readouterr()
+    assert "3 images decomposed (1 unreadable files skipped)" in out.out and "skipped" in out.err
+    metrics = json.loads((run / "apply_images" / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["skipped_files"] == 1 and sorted(metrics["files"]) == [
+        "alpha.png", "gray.png", "sub/deep.png"]
+    figures = {p.name for p in (run / "apply_images" / "figures").glob("*.png")}
+    assert {"fig9_regeneration_spots.png", "fig10_branches_stripes.png"} <= figures
+    with pytest.warns(UserWarning):
+        assert main(["decompose", "manipulate", "--run", str(run), "--images", str(photos), "--branches", "0",
+                     "--alphas", "0,1", "--num-images", "2"]) == 0
+        assert main(["decompose", "segment", "--run", str(run), "--images", str(photos), "--num-images", "2",
+                     "--init-branches", "1"]) == 0
+    assert "mean_eye_iou" not in json.loads((run / "segment" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "holds no image files"),
+    (lambda d: (d.mkdir(), (d / "x.png").write_bytes(b"junk")), "could be read"),
+])
+def test_bad_image_folders_get_one_line(tmp_path, capsys, make, message):
+    run = tmp_path / "run"
+    assert main(["decompose", "train", "--out", str(run), "--num-scenes", "24", *TINY_CLI]) == 0
+    folder = tmp_path / "photos"
+    make(folder)
+    capsys.readouterr()
+    assert main(["decompose", "apply", "--run", str(run), "--images", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_run_of_another_command_is_named(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("command: classify train\n")
+    assert main(["decompose", "apply", "--run", str(tmp_path)]) == 2
+    assert "made by `branchspec classify train`" in capsys.readouterr().err

@@ -101,6 +101,8 @@ def register(sub) -> None:
 
 def _analysis(p) -> None:
     p.add_argument("--run", required=True, help="a `decompose train` run directory")
+    p.add_argument("--images", default=None, metavar="FOLDER", help="your own images (any size or mode) instead "
+                   "of the run's held-out split")
     p.add_argument("--out", default=None, help="where to write (default: a folder inside --run)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="the EMA of G or G itself (default: ema)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -166,14 +168,18 @@ def _apply(args) -> int:
         summary = for_each_seed(args.run, lambda run: run_apply(
             run, None if args.out is None else Path(args.out) / run.name, num_images=args.num_images,
             eval_images=args.eval_images, weights=args.weights, features=args.features,
-            classifier_steps=args.classifier_steps, device=args.device))
+            classifier_steps=args.classifier_steps, images=args.images, device=args.device))
         key = "apply/component_recovery" if "apply/component_recovery" in summary else "apply/mean_frechet_distance"
         print(f"wrote {args.run}/report.html; {key.split('/')[-1].replace('_', ' ')} "
               f"{format_interval(summary.get(key, {}))}")
         return 0
     metrics = run_apply(args.run, args.out, num_images=args.num_images, eval_images=args.eval_images,
                         weights=args.weights, features=args.features, classifier_steps=args.classifier_steps,
-                        device=args.device)
+                        images=args.images, device=args.device)
+    if args.images is not None:
+        print(f"wrote {args.out or args.run + '/apply_images'}: {metrics['images']} images decomposed"
+              + (f" ({metrics['skipped_files']} unreadable files skipped)" if metrics["skipped_files"] else ""))
+        return 0
     score = (f"component recovery {metrics['component_recovery']:.3f}" if "component_recovery" in metrics
              else f"mean Fréchet distance {metrics.get('mean_frechet_distance', float('nan')):.2f} (untranslated "
                   f"images: {metrics.get('mean_frechet_distance_untranslated', float('nan')):.2f})")
@@ -185,7 +191,7 @@ def _manipulate(args) -> int:
     from branchspec.studies.decompose import run_manipulate
 
     run_manipulate(args.run, args.out, branches=args.branches, alphas=args.alphas, subsets=args.subsets,
-                   num_images=args.num_images, weights=args.weights, device=args.device)
+                   num_images=args.num_images, images=args.images, weights=args.weights, device=args.device)
     print(f"wrote {args.out or args.run + '/manipulate'}")
     return 0
 
@@ -195,7 +201,8 @@ def _segment(args) -> int:
 
     metrics = run_segment(args.run, args.out, domain=args.domain, init_branches=args.init_branches,
                           image_branches=args.image_branches, num_images=args.num_images,
-                          init_threshold=args.init_threshold, mu=args.mu, weights=args.weights, device=args.device)
+                          init_threshold=args.init_threshold, mu=args.mu, images=args.images, weights=args.weights,
+                          device=args.device)
     extra = f"; mean eye IoU {metrics['mean_eye_iou']:.3f}" if "mean_eye_iou" in metrics else ""
     print(f"wrote {args.out or args.run + '/segment'}{extra}")
     return 0

@@ -297,6 +297,32 @@ def _safe_member(member: tarfile.TarInfo, archive: Path) -> bool:
     return member.isfile()
 
 
+# ------------------------------------------------------------------------------------------- a user's folder
+def read_folder(folder: str | Path, size: int) -> tuple[Tensor, list[str], int]:
+    """Every image under ``folder`` (any size or mode, read by :func:`read_image`) as uint8 ``[N, 3, size,
+    size]``, their paths relative to the folder, and the number of files that could not be decoded (skipped,
+    with a warning). A missing or empty folder, or one with no readable image, is a one-line error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BranchspecError(f"image folder {folder} does not exist or is not a folder.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BranchspecError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    images, names = [], []
+    for path in files:
+        image = read_image(path, size)
+        if image is not None:
+            images.append(image)
+            names.append(str(path.relative_to(folder)))
+    skipped = len(files) - len(images)
+    if not images:
+        raise BranchspecError(f"none of the {len(files)} image files in {folder} could be read.")
+    if skipped:
+        warnings.warn(f"{skipped} of {len(files)} image files in {folder} could not be read and were skipped.",
+                      stacklevel=2)
+    return _stack(images, size), names, skipped
+
+
 # ------------------------------------------------------------------------------------------ CIFAR pickles
 def load_cifar_pickle(folder: str | Path, split: str = "train") -> ImageSet:
     """The official CIFAR-10 python version (``cifar-10-batches-py``)."""

@@ -277,7 +277,9 @@ def load_generator(run: str | RunDir, weights: str = "ema", device="cpu"):
     run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
     raw = run.read_config()
     if raw.get("command") != "decompose train":
-        raise BranchspecError(f"{run.path} is not a `branchspec decompose train` run; give its --out.")
+        made = f"was made by `branchspec {raw['command']}`" if raw.get("command") else "holds no branchspec run"
+        raise BranchspecError(f"{run.path} {made}, not by `branchspec decompose train`; give the --out of a "
+                              "decompose train run.")
     if weights not in ("ema", "raw"):
         raise BranchspecError(f"weights must be ema or raw, got {weights!r}.")
     cfg = DecomposeConfig.from_dict(raw)
@@ -317,13 +319,19 @@ def _first(s: Scenes, n: int) -> Scenes:
 
 # --------------------------------------------------------------------------------------------------- apply
 def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: int = 500, weights: str = "ema",
-              features: str | None = None, classifier_steps: int | None = None, device="cpu",
-              show_progress: bool = True) -> dict:
+              features: str | None = None, classifier_steps: int | None = None, images: str | Path | None = None,
+              device="cpu", show_progress: bool = True) -> dict:
     """Decompose held-out images: re-generation, R and branch outputs (Figs. 9-11, 18-20), translations, and
-    the scores (component recovery, PSNR/SSIM against paired truth on scenes; structure fidelity and the
-    Fréchet distance on real data)."""
+    the scores (component recovery, SI-SDR and the fixed baselines, PSNR/SSIM against paired truth on scenes;
+    structure fidelity and the Fréchet distance on real data).
+
+    ``images``: a folder of the user's own images instead (any size or mode); each is decomposed as translated
+    into every domain of the run, f(x, d): R, every branch's output and the result, into ``RUN/apply_images``.
+    """
     run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
     generator, cfg, raw = load_generator(run, weights, device)
+    if images is not None:
+        return _apply_to_folder(run, out, generator, cfg, raw, images, num_images, device)
     target = _analysis_dir(run, out, "apply")
     target.write_config({"command": "decompose apply", "run": str(run.path), "weights": weights,
                          "num_images": num_images, "eval_images": eval_images, "features": features,
@@ -348,6 +356,34 @@ def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: 
         metrics.update(_frechet(run, cfg, raw, images, translated, features, classifier_steps, device, show_progress))
     target.write_metrics(metrics, merge=False)
     _decomposition_figures(target, images, regenerated, translated, names, num_images)
+    build_report(run, title="Class-transfer GAN")
+    return metrics
+
+
+def user_images(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str], int]:
+    """A folder of the user's images at the run's size, in [-1, 1] (:func:`branchspec.data.images.read_folder`)."""
+    from branchspec.data.domains import to_float
+    from branchspec.data.images import read_folder
+
+    images, names, skipped = read_folder(folder, size)
+    if skipped:
+        log.info("%d file(s) in %s could not be read and were skipped", skipped, folder)
+    return to_float(images), names, skipped
+
+
+def _apply_to_folder(run: RunDir, out, generator, cfg, raw, folder, num_images: int, device) -> dict:
+    x, files, skipped = user_images(folder, cfg.image_size)
+    target = _analysis_dir(run, out, "apply_images")
+    names = raw["domain_names"]
+    target.write_config({"command": "decompose apply", "run": str(run.path), "images": str(folder),
+                         "num_images": num_images})
+    outputs = [decompose_in_batches(generator, x, d, device) for d in range(len(names))]
+    stats = [branch_statistics(o.branch_outputs) for o in outputs]
+    metrics = {"images": len(x), "files": files, "skipped_files": skipped,
+               "response_norms": {names[d]: s["response_norms"] for d, s in enumerate(stats)},
+               "num_active_branches": {names[d]: s["num_active"] for d, s in enumerate(stats)}}
+    target.write_metrics(metrics, merge=False)
+    _decomposition_figures(target, [x] * len(names), outputs, {}, names, num_images, own_images=True)
     build_report(run, title="Class-transfer GAN")
     return metrics
 
@@ -377,7 +413,31 @@ def _scene_scores(run: RunDir, regenerated: list[BranchedOutput], translated: di
             r.residual[None], torch.stack([s.layers[n] for n in layer_names]))[0]
             for r, s in zip(regenerated, scenes)], axis=0)))
     _recovery_figure(run, recovery[0], names[0])
+    for d, name in enumerate(names):
+        _layers_figure(run, regenerated[d], scenes[d], recovery[d], name)
     return metrics
+
+
+def _layers_figure(run: RunDir, out: BranchedOutput, scenes: Scenes, recovery: dict, domain: str, n: int = 2) -> None:
+    """The true layers of a few scenes beside the branch matched to each (and R beside the base)."""
+    columns = [("base", out.residual, "R")] if out.residual is not None else []
+    for layer in LAYERS:
+        k = recovery["branch_of_layer"][layer]
+        columns.append((layer, None if k is None else out.branch_outputs[k], f"branch {k}"))
+    cells, labels = [], []
+    for i in range(min(n, len(scenes.images))):
+        cells.append(np.concatenate([contrast_stretch(scenes.layers[layer][i:i + 1]) for layer, _, _ in columns]))
+        cells.append(np.concatenate([contrast_stretch(v[i:i + 1]) if v is not None else
+                                     np.full((1, *contrast_stretch(scenes.images[:1]).shape[1:]), 0.5)
+                                     for _, v, _ in columns]))
+        labels += [f"scene {i}: true layer", f"scene {i}: matched"]
+    titles = [f"{layer} / {who}" + (f" ({recovery['per_layer'][layer]:.2f})" if layer in recovery["per_layer"] else "")
+              for layer, _, who in columns]
+    fig = image_grid(np.concatenate(cells), nrows=len(cells), ncols=len(columns), titles=titles, row_labels=labels)
+    run.save_figure(fig, f"layers_and_branches_{domain}", f"The true layers of {domain} scenes (odd rows) beside the "
+                    "branch matched to each by component recovery (even rows; |correlation| in the titles), and R "
+                    "beside the base; each image contrast-stretched. A learnt decomposition shows the same "
+                    "pattern in both rows.")
 
 
 def _averaged(scores: list[dict]) -> dict:
@@ -461,21 +521,26 @@ def _frechet(run, cfg, raw, images, translated, features, classifier_steps, devi
             "frechet_images_per_domain": fewest, "frechet_feature_dimensions": width}
 
 
-def _decomposition_figures(run: RunDir, images, regenerated, translated, names, num_images: int) -> None:
+def _decomposition_figures(run: RunDir, images, regenerated, translated, names, num_images: int,
+                           own_images: bool = False) -> None:
+    """Figs. 9-11 per domain. ``own_images``: the same (user) images in every domain, decomposed as translated
+    to that domain (no source domain, so no re-generation and no other translations)."""
     for d, (x, r) in enumerate(zip(images, regenerated)):
         n = min(num_images, len(x))
         if n == 0:
             continue
         rows = [to_display(x[:n]), to_display(r.total[:n])]
-        labels = ["input", "re-generated"]
+        labels = ["input", f"f(x, {names[d]})" if own_images else "re-generated"]
         if r.residual is not None:
             rows.append(to_display(r.residual[:n]))
             labels.append("R")
-        rows += [to_display(translated[(d, b)][:n]) for b in range(len(names)) if b != d]
-        labels += [f"to {names[b]}" for b in range(len(names)) if b != d]
+        rows += [to_display(translated[(d, b)][:n]) for b in range(len(names)) if (d, b) in translated]
+        labels += [f"to {names[b]}" for b in range(len(names)) if (d, b) in translated]
         fig = image_grid(np.concatenate(rows), nrows=len(rows), ncols=n, row_labels=labels)
-        run.save_figure(fig, f"fig9_regeneration_{names[d]}", f"Fig. 9: {names[d]} images, their re-generation "
-                        "f(x, own domain), R, and their translation to the other domains.")
+        what = (f"the images translated to {names[d]}, f(x, {names[d]}), and R" if own_images else
+                f"{names[d]} images, their re-generation f(x, own domain), R, and their translation to the other "
+                "domains")
+        run.save_figure(fig, f"fig9_regeneration_{names[d]}", f"Fig. 9: {what}.")
         v = r.branch_outputs[:, :n]  # [M, n, 3, H, W]
         m = v.shape[0]
         stretched = np.concatenate([contrast_stretch(v[:, i]) for i in range(n)])
@@ -506,15 +571,18 @@ def _recovery_figure(run: RunDir, recovery: dict, domain: str) -> None:
 # ---------------------------------------------------------------------------------------------- manipulate
 def run_manipulate(run: str | RunDir, out=None, *, branches: list[int] | None = None,
                    alphas: list[float] = (-1.0, 0.0, 1.0, 2.0, 3.0), subsets: list[list[int]] | None = None,
-                   num_images: int = 4, weights: str = "ema", device="cpu") -> dict:
+                   num_images: int = 4, images: str | Path | None = None, weights: str = "ema",
+                   device="cpu") -> dict:
     """Sweep the magnitude α of single components (Figs. 13-14) and sum subsets of them (Fig. 15).
 
     Defaults: the two strongest branches; two subsets that split the active branches, alternating by strength.
+    ``images``: a folder of the user's own images, decomposed as translated to the run's first domain.
     """
     run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
     generator, cfg, raw = load_generator(run, weights, device)
     target = _analysis_dir(run, out, "manipulate")
-    images, _, _ = _evaluation_images(cfg, raw, num_images)
+    images = ([user_images(images, cfg.image_size)[0][:num_images]] if images is not None
+              else _evaluation_images(cfg, raw, num_images)[0])
     x = torch.cat(images)
     out_ = decompose_in_batches(generator, x, torch.cat([torch.full((len(im),), d) for d, im in enumerate(images)]),
                                 device)
@@ -554,9 +622,10 @@ EYE_MASK_LEVEL = -0.25  # a pixel belongs to a true eye where the eyes layer is 
 
 def run_segment(run: str | RunDir, out=None, *, domain: str | None = None, init_branches: list[int] | None = None,
                 image_branches: list[int] | None = None, num_images: int = 8, init_threshold: float = 2.0,
-                mu: float = 0.1, weights: str = "ema", device="cpu") -> dict:
+                mu: float = 0.1, images: str | Path | None = None, weights: str = "ema", device="cpu") -> dict:
     """Segment eyes with Chan–Vese on the branch outputs (App. F; Figs. 12, 21); on layered scenes, score the
-    masks against the true eyes (IoU)."""
+    masks against the true eyes (IoU). ``images``: a folder of the user's own images, decomposed as translated
+    to ``domain``."""
     run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
     generator, cfg, raw = load_generator(run, weights, device)
     names = raw["domain_names"]
@@ -564,7 +633,10 @@ def run_segment(run: str | RunDir, out=None, *, domain: str | None = None, init_
         raise BranchspecError(f"domain {domain!r} is not one of the run's domains {names}.")
     d = names.index(domain) if domain is not None else 0
     target = _analysis_dir(run, out, "segment")
-    images, scenes, _ = _evaluation_images(cfg, raw, max(num_images, 32))
+    if images is not None:
+        scenes, images = None, {d: user_images(images, cfg.image_size)[0]}
+    else:
+        images, scenes, _ = _evaluation_images(cfg, raw, max(num_images, 32))
     out_ = decompose_in_batches(generator, images[d], d, device)
     stats = branch_statistics(out_.branch_outputs)
     init_branches = list(init_branches) if init_branches else choose_eye_branches(out_.branch_outputs, stats["active"])
