@@ -423,7 +423,7 @@ def _layers_figure(run: RunDir, out: BranchedOutput, scenes: Scenes, recovery: d
     columns = [("base", out.residual, "R")] if out.residual is not None else []
     for layer in LAYERS:
         k = recovery["branch_of_layer"][layer]
-        columns.append((layer, None if k is None else out.branch_outputs[k], f"branch {k}"))
+        columns.append((layer, None if k is None else out.branch_outputs[k], "no branch" if k is None else f"branch {k}"))
     cells, labels = [], []
     for i in range(min(n, len(scenes.images))):
         cells.append(np.concatenate([contrast_stretch(scenes.layers[layer][i:i + 1]) for layer, _, _ in columns]))
@@ -431,7 +431,7 @@ def _layers_figure(run: RunDir, out: BranchedOutput, scenes: Scenes, recovery: d
                                      np.full((1, *contrast_stretch(scenes.images[:1]).shape[1:]), 0.5)
                                      for _, v, _ in columns]))
         labels += [f"scene {i}: true layer", f"scene {i}: matched"]
-    titles = [f"{layer} / {who}" + (f" ({recovery['per_layer'][layer]:.2f})" if layer in recovery["per_layer"] else "")
+    titles = [f"{layer}\n{who}" + (f" ({recovery['per_layer'][layer]:.2f})" if layer in recovery["per_layer"] else "")
               for layer, _, who in columns]
     fig = image_grid(np.concatenate(cells), nrows=len(cells), ncols=len(columns), titles=titles, row_labels=labels)
     run.save_figure(fig, f"layers_and_branches_{domain}", f"The true layers of {domain} scenes (odd rows) beside the "
