@@ -13,7 +13,7 @@ from nad_helpers import single_thread  # noqa: F401 - autouse fixture
 from branchspec.analysis import nad
 from branchspec.errors import BranchspecError
 from branchspec.nets.resnet import branched_resnet
-from branchspec.studies.nad import load_user_model
+from branchspec.runs import load_user_model
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_bad_layer_names_and_models_without_blocks(trained):
     with pytest.raises(BranchspecError, match="no module"):
         nad.find_layers(model, x, ["layer9.0"])
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
-    with pytest.raises(BranchspecError, match="--layers"):
+    with pytest.raises(BranchspecError, match="`layers`"):  # the parameter; the CLI says --layers
         nad.find_layers(plain, x)
     assert [layer.channels for layer in nad.find_layers(plain, x, ["1"])] == [4]
 
@@ -305,7 +305,7 @@ def test_out_of_memory_splits_the_classes_into_smaller_passes(trained, monkeypat
 def test_a_model_without_residual_blocks_gets_its_own_layer_names_suggested():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3),
                           nn.Flatten(), nn.LazyLinear(3))
-    with pytest.raises(BranchspecError, match=r"e\.g\. --layers 0,2,4\.$"):  # its convolutions, not another model's names
+    with pytest.raises(BranchspecError, match=r"e\.g\. `layers` 0,2,4\.$"):  # its convolutions, not another model's names
         nad.default_layer_names(model)
 
 

@@ -19,7 +19,7 @@ def user_model(tmp_path_factory):
     """A user's model file, its trained weights and an image tree: what `--model ... --weights ... --data` takes."""
     root = tmp_path_factory.mktemp("user")
     path = H.write_model(root)
-    from branchspec.studies.nad import load_user_model
+    from branchspec.runs import load_user_model
 
     model = load_user_model(f"{path}:make", None)
     data = H.write_image_tree(root / "images", {"train": 16, "test": 8})

@@ -212,3 +212,31 @@ def test_bad_sites_get_one_sentence():
         parts_of(model)
     with pytest.raises(BranchspecError, match="no parts adapter"):
         parts_of(model, "norm")
+
+
+def test_the_parts_command_on_a_users_transformer(tmp_path, capsys):
+    from branchspec.cli import main
+
+    (tmp_path / "net.py").write_text("from branchspec.nets.transformer import TinyTransformer\n\n"
+                                     "def make():\n    return TinyTransformer(d_model=16, heads=4)\n")
+    torch.manual_seed(0)
+    model = TinyTransformer(d_model=16, heads=4)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    x, y = marker_task(64, seed=1)
+    torch.save({"x": x, "y": y}, tmp_path / "seqs.pt")
+    out = tmp_path / "run"
+    assert main(["parts", "--model", f"{tmp_path}/net.py:make", "--weights", str(tmp_path / "w.pt"), "--data",
+                 str(tmp_path / "seqs.pt"), "--at", "blocks.0.attention,blocks.1.attention", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.attention: 4 attention heads;" in printed and "silent by the paper's 10% rule" in printed
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    site = metrics["sites"]["blocks.1.attention"]
+    assert site["activity"]["num_active"] + site["activity"]["num_silent"] == 4
+    assert set(site["agreement"]) == {"activity_vs_importance", "activity_vs_ablation_drop",
+                                      "importance_vs_ablation_drop"}
+    assert (out / "report.html").is_file() and (out / "figures" / "blocks_1_attention_ablation.png").is_file()
+    assert main(["parts", "--model", f"{tmp_path}/net.py:make", "--data", str(tmp_path / "seqs.pt"), "--at",
+                 "blocks.9.attention", "--out", str(out)]) == 2
+    assert "no module 'blocks.9.attention'" in capsys.readouterr().err

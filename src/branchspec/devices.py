@@ -14,9 +14,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise BranchspecError(f"--device {device!r} is not a device; give auto, cpu, cuda or cuda:N.") from None
+        raise BranchspecError(f"`device` {device!r} is not a device; give auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BranchspecError(f"--device {device} was asked for, but no GPU is visible; use --device cpu.")
+        raise BranchspecError(f"`device` {device} was asked for, but no GPU is visible; use `device` cpu.")
     return dev
 
 

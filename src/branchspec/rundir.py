@@ -29,8 +29,15 @@ from branchspec.errors import BranchspecError
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc), else the common default 0o022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -43,7 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,7 +110,7 @@ class RunDir:
         self.path = Path(path)
         if must_exist:
             if not self.path.is_dir():
-                raise BranchspecError(f"run directory {self.path} does not exist; give the --out of an earlier run.")
+                raise BranchspecError(f"run directory {self.path} does not exist; give the `out` of an earlier run.")
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -111,11 +118,16 @@ class RunDir:
             probe.close()
         except OSError as err:
             raise BranchspecError(
-                f"cannot write to output folder {self.path} ({err.strerror or err}); choose a writable --out."
+                f"cannot write to output folder {self.path} ({err.strerror or err}); choose a writable `out`."
             ) from None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def of(cls, run: "str | os.PathLike | RunDir", *, must_exist: bool = False) -> "RunDir":
+        """``run`` itself if it is a RunDir, else the RunDir at that path."""
+        return run if isinstance(run, RunDir) else cls(run, must_exist=must_exist)
 
     # paths
     @property
@@ -149,7 +161,7 @@ class RunDir:
 
     def read_config(self) -> dict:
         if not self.config_path.is_file():
-            raise BranchspecError(f"{self.path} holds no config.yaml; is it the --out of a branchspec run?")
+            raise BranchspecError(f"{self.path} holds no config.yaml; is it the `out` of a branchspec run?")
         try:
             return yaml.safe_load(self.config_path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -165,7 +177,7 @@ class RunDir:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
             raise BranchspecError(f"{self.path} holds a different {what} (it differs in {', '.join(changed)}); give "
-                                  "a new --out, or the same options to resume it.")
+                                  "a new `out`, or the same options to resume it.")
 
     # metrics
     def write_metrics(self, metrics: dict, *, merge: bool = True) -> Path:

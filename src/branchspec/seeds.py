@@ -43,7 +43,7 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            raise BranchspecError(f"--seeds takes non-negative integers or increasing ranges such as 0,1,2 or 0-4, "
+            raise BranchspecError(f"`seeds` takes non-negative integers or increasing ranges such as 0,1,2 or 0-4, "
                                   f"got {text!r}.")
         seeds += list(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
     return check_seeds(seeds)
@@ -120,15 +120,15 @@ def run_seeds(command: str, seeds: Iterable[int], out: str | RunDir, train: Call
     multi-seed run goes on with the seeds it had not finished and keeps those it had), then write the parent's
     config and its aggregate metrics. Returns the aggregate."""
     seeds = check_seeds(seeds)
-    parent = out if isinstance(out, RunDir) else RunDir(out)
+    parent = RunDir.of(out)
     old = parent.read_config() if parent.config_path.is_file() else None
     if old and old.get("command") != f"{command} seeds":
         raise BranchspecError(f"{parent.path} holds a '{old.get('command')}' run, not a multi-seed '{command}'; give "
-                              "a new --out.")
+                              "a new `out`.")
     dropped = sorted(set(old.get("seeds", [])) - set(seeds)) if old else []
     if dropped:
         raise BranchspecError(f"{parent.path} holds seeds {old['seeds']}; give them all (more may be added) or a new "
-                              "--out.")
+                              "`out`.")
     parent.write_config({"command": f"{command} seeds", "seeds": seeds, **(config or {})})
     for i, seed in enumerate(seeds):
         log.info("seed %d (%d of %d)", seed, i + 1, len(seeds))

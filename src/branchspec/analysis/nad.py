@@ -93,7 +93,7 @@ def default_layer_names(model: nn.Module) -> list[str]:
         names = [n for n, m in body.named_modules() if n and type(m).__name__ in _BLOCK_TYPES]
     if not names:
         raise BranchspecError("the model has no residual blocks to gate by default (modules named like layer1.0 "
-                              "or of type BasicBlock/Bottleneck); name the layers to gate, e.g. --layers "
+                              "or of type BasicBlock/Bottleneck); name the layers to gate, e.g. `layers` "
                               f"{','.join(_suggested_layers(body))}.")
     return names
 
@@ -533,8 +533,8 @@ def _search_in_passes(gates, searchable, pass_size, images, labels, index, state
                           state_path, bar)
         except torch.OutOfMemoryError:
             if pass_size == 1:
-                raise BranchspecError("out of memory with one class per pass; lower --batch-size or use "
-                                      "--precision bf16-mixed.") from None
+                raise BranchspecError("out of memory with one class per pass; lower `batch_size` or use "
+                                      "`precision` bf16-mixed.") from None
             state.update(saved)  # back to where this pass began, then the same work in smaller passes
             for m, rows in zip(logits, saved_rows):
                 m[group] = rows

@@ -12,7 +12,7 @@ import sys
 
 from branchspec.errors import BranchspecError, Interrupted
 
-COMMANDS = ("toy", "report", "demo", "decompose", "classify", "nad", "hessian")
+COMMANDS = ("toy", "report", "demo", "decompose", "classify", "nad", "hessian", "parts")
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(parser: argparse.ArgumentParser, args) -> set[str]:
+    """The option strings of the (sub)command that ``args`` ran."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub else None
+        if sub is None or name not in sub.choices:
+            return {o for a in parser._actions for o in a.option_strings}
+        parser = sub.choices[name]
+
+
+def as_flags(message: str, options: set[str]) -> str:
+    """A library message names Python parameters as `name`; on the command line they are the command's flags
+    (`lr` → --lr, `batch_size` → --batch-size). A name with no flag keeps its quotes."""
+    import re
+
+    def flag(match):
+        option = "--" + match.group(1).replace("_", "-")
+        return option if option in options else match.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+
+
+class _Stderr(__import__("logging").Handler):
+    """One line per message on whatever ``sys.stderr`` is at the time (it may be replaced, as tests do)."""
+
+    def emit(self, record) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
 def _setup_process() -> None:
     """What a command-line process of branchspec sets up once: the ``branchspec`` logger printed as one line per
     message on stderr, and freed memory kept for reuse (:func:`branchspec.devices.keep_freed_memory`; the
@@ -43,15 +75,17 @@ def _setup_process() -> None:
     from branchspec.devices import keep_freed_memory
     from branchspec.errors import log
 
-    if not any(getattr(h, "branchspec_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("branchspec: %(message)s"))
-        handler.branchspec_cli = True
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
     if os.environ.get("BRANCHSPEC_RAW_ALLOCATOR") != "1":
         keep_freed_memory()
+    import matplotlib
+
+    matplotlib.use("Agg")  # figures go to files; the library itself leaves the backend alone
     _quiet_dependencies()
 
 
@@ -79,12 +113,13 @@ def _quiet_dependencies() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _setup_process()
     try:
         return int(args.func(args) or 0)
     except BranchspecError as err:
-        print(f"branchspec: error: {err}", file=sys.stderr)
+        print(f"branchspec: error: {as_flags(str(err), _options(parser, args))}", file=sys.stderr)
         return 2
     except Interrupted as err:
         print(f"branchspec: {err}", file=sys.stderr)

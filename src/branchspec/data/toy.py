@@ -57,7 +57,7 @@ def load_toyset(spec: str) -> ToySet:
         return BUILTIN[spec]
     path = Path(spec)
     if not path.is_file():
-        raise BranchspecError(f"--toy {spec!r} is neither {' nor '.join(BUILTIN)} nor an existing file.")
+        raise BranchspecError(f"`toy` {spec!r} is neither {' nor '.join(BUILTIN)} nor an existing file.")
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":

@@ -32,11 +32,11 @@ details{margin:.5em 0}code{font-family:ui-monospace,monospace}
 def build_report(run: str | Path | RunDir, title: str | None = None, must_hold_a_run: bool = False) -> Path:
     """Write ``report.html`` into the run directory and return its path. ``must_hold_a_run``: a folder with no
     run in it (no config.yaml or metrics.json, here or nested) is an error instead of an empty page."""
-    run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
+    run = RunDir.of(run, must_exist=True)
     dirs = _run_dirs(run.path)
     if must_hold_a_run and not any((d / "metrics.json").is_file() or (d / "config.yaml").is_file() for d in dirs):
         raise BranchspecError(f"{run.path} holds no run (no config.yaml or metrics.json in it or its folders); give "
-                              "the --out of a branchspec command.")
+                              "the `out` of a branchspec command.")
     sections = [_section(d, run.path) for d in dirs]
     title = title or f"branchspec report: {run.path.name}"
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")

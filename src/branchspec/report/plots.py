@@ -1,19 +1,17 @@
 """Figure primitives shared by every study: grids of heat-maps, curves with error bars, image grids.
 
-Each returns a matplotlib figure; :meth:`branchspec.rundir.RunDir.save_figure` writes it. The Agg backend is
-used, so no display is needed.
+Each returns a matplotlib figure; :meth:`branchspec.rundir.RunDir.save_figure` writes it. Importing this module
+leaves matplotlib's backend alone (a notebook keeps its own); the command line selects Agg, and matplotlib falls
+back to it where there is no display.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, panel: tuple[float, float] = (4.0, 3.2), **kw):

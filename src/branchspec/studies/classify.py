@@ -189,7 +189,7 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     """
     from branchspec.train.lightning import load_checkpoint_file, make_trainer, resume_checkpoint
 
-    run = out if isinstance(out, RunDir) else RunDir(out)
+    run = RunDir.of(out)
     asked = cfg.check().execution
     data = load_data(cfg, show_progress)
     cfg = resolve(cfg).check()
@@ -220,8 +220,8 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     module = BranchedClassifier(model, cfg.loss, cfg.recipe, data.train, data.test, data.mean, data.std,
                                 seed=cfg.seed, compile=cfg.compile,
                                 channels_last=cfg.channels_last or cfg.execution == "lanes")
-    advice = (f"resume it with a lower learning rate: the same command with --lr below {cfg.recipe.lr:g} and "
-              "--change-lr" + (", or with --precision 32-true." if cfg.precision not in (None, "32-true") else "."))
+    advice = (f"resume it with a lower learning rate: the same command with `lr` below {cfg.recipe.lr:g} and "
+              "`change_lr`" + (", or with `precision` 32-true." if cfg.precision not in (None, "32-true") else "."))
     trainer = make_trainer(run, max_epochs=cfg.recipe.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
                            num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
                            checkpoint_every_n_steps=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
@@ -288,10 +288,10 @@ def _training_figure(run: RunDir) -> None:
 
 # -------------------------------------------------------------------------------------- loading (API)
 def _config(run) -> tuple[RunDir, ClassifyConfig, dict]:
-    run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
+    run = RunDir.of(run, must_exist=True)
     raw = run.read_config()
     if raw.get("command") != "classify train":
-        raise BranchspecError(f"{run.path} is not a 'branchspec classify train' run; give the --out of one.")
+        raise BranchspecError(f"{run.path} is not a 'branchspec classify train' run; give the `out` of one.")
     return run, ClassifyConfig.from_dict(raw), raw
 
 
@@ -505,7 +505,7 @@ def run_sweep(cfg: ClassifyConfig, branches: list[int] | None = None, out: str |
               show_progress: bool = True, change_lr: bool = False) -> dict:
     """Fig. 5 left and Fig. 17: one run per M (nested in ``out`` as ``m<M>``, each resumable), then the active
     and silent counts against M and each run's branch outputs and covariance."""
-    run = out if isinstance(out, RunDir) else RunDir(out)
+    run = RunDir.of(out)
     branches = sorted(set(branches or SWEEP_M))
     run.write_config({"command": "classify sweep", "branches": branches, **to_plain(cfg)})
     per_m, outputs = {}, {}
@@ -543,7 +543,9 @@ def run_sweep(cfg: ClassifyConfig, branches: list[int] | None = None, out: str |
 DEMO = ClassifyConfig(data=DIGITS, branches=8, recipe=Recipe(epochs=8, batch_size=128, lr=0.05))
 
 
-def demo(out: RunDir, show_progress: bool = True) -> None:
-    """The classification part of the demo: M = 8 branches on the embedded digits, trained and analysed."""
+def demo(out: RunDir, show_progress: bool = True, made: dict | None = None) -> dict:
+    """The classification part of the demo: M = 8 branches on the embedded digits, trained and analysed.
+    Returns the runs it made (``classifier``, for the Hessian and NAD parts)."""
     run_train(DEMO, out, show_progress=show_progress)
     run_analyze(out, top_percent=(10.0,))
+    return {"classifier": out.path}

@@ -139,7 +139,7 @@ def run_train(cfg: DecomposeConfig, out: str | RunDir, *, show_progress: bool = 
     ``change_lr``: a resume may change ``cfg.recipe.lr`` (after a non-finite loss, say); both optimizers take it
     from the resumed iteration on, and the change is recorded in config.yaml (``lr_changes``).
     """
-    run = out if isinstance(out, RunDir) else RunDir(out)
+    run = RunDir.of(out)
     cfg.check()
     data = training_data(cfg, show_progress)
     cfg = dataclasses.replace(cfg, data=cfg.data if cfg.data == SCENES else str(Path(cfg.data).resolve()),
@@ -160,7 +160,7 @@ def run_train(cfg: DecomposeConfig, out: str | RunDir, *, show_progress: bool = 
                               batch_size=cfg.batch_size, seed=cfg.seed, iterations=cfg.iterations)
     monitor = TrainingMonitor(run, cfg, scenes_for_evaluation(cfg) if cfg.data == SCENES else None)
     # two optimizer steps (D, then G) per iteration: Lightning's step counts are twice the iterations
-    advice = f"resume it with a lower learning rate: the same command with --lr below {cfg.recipe.lr:g} and --change-lr."
+    advice = f"resume it with a lower learning rate: the same command with `lr` below {cfg.recipe.lr:g} and `change_lr`."
     trainer = make_trainer(run, max_steps=2 * cfg.iterations, accelerator=cfg.accelerator, devices=cfg.devices,
                            num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=cfg.precision,
                            checkpoint_every_n_steps=2 * cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
@@ -274,11 +274,11 @@ def _training_figures(run: RunDir) -> None:
 # -------------------------------------------------------------------------------------------- trained model
 def load_generator(run: str | RunDir, weights: str = "ema", device="cpu"):
     """The trained generator of a ``decompose train`` run (``weights``: "ema" or "raw") and its config."""
-    run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
+    run = RunDir.of(run, must_exist=True)
     raw = run.read_config()
     if raw.get("command") != "decompose train":
         made = f"was made by `branchspec {raw['command']}`" if raw.get("command") else "holds no branchspec run"
-        raise BranchspecError(f"{run.path} {made}, not by `branchspec decompose train`; give the --out of a "
+        raise BranchspecError(f"{run.path} {made}, not by `branchspec decompose train`; give the `out` of a "
                               "decompose train run.")
     if weights not in ("ema", "raw"):
         raise BranchspecError(f"weights must be ema or raw, got {weights!r}.")
@@ -328,7 +328,7 @@ def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: 
     ``images``: a folder of the user's own images instead (any size or mode); each is decomposed as translated
     into every domain of the run, f(x, d): R, every branch's output and the result, into ``RUN/apply_images``.
     """
-    run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
+    run = RunDir.of(run, must_exist=True)
     generator, cfg, raw = load_generator(run, weights, device)
     if images is not None:
         return _apply_to_folder(run, out, generator, cfg, raw, images, num_images, device)
@@ -578,7 +578,7 @@ def run_manipulate(run: str | RunDir, out=None, *, branches: list[int] | None = 
     Defaults: the two strongest branches; two subsets that split the active branches, alternating by strength.
     ``images``: a folder of the user's own images, decomposed as translated to the run's first domain.
     """
-    run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
+    run = RunDir.of(run, must_exist=True)
     generator, cfg, raw = load_generator(run, weights, device)
     target = _analysis_dir(run, out, "manipulate")
     images = ([user_images(images, cfg.image_size)[0][:num_images]] if images is not None
@@ -626,7 +626,7 @@ def run_segment(run: str | RunDir, out=None, *, domain: str | None = None, init_
     """Segment eyes with Chan–Vese on the branch outputs (App. F; Figs. 12, 21); on layered scenes, score the
     masks against the true eyes (IoU). ``images``: a folder of the user's own images, decomposed as translated
     to ``domain``."""
-    run = run if isinstance(run, RunDir) else RunDir(run, must_exist=True)
+    run = RunDir.of(run, must_exist=True)
     generator, cfg, raw = load_generator(run, weights, device)
     names = raw["domain_names"]
     if domain is not None and domain not in names:
@@ -678,9 +678,10 @@ def demo_config() -> DecomposeConfig:
                            devices=1, recipe=GANRecipe(lr=1e-3, ema_decay=0.99))
 
 
-def demo(out: RunDir, show_progress: bool = True) -> None:
+def demo(out: RunDir, show_progress: bool = True, made: dict | None = None) -> dict:
     """The decomposition part of the demo: train on layered scenes, then apply, manipulate and segment."""
     run_train(demo_config(), out, show_progress=show_progress)
     run_apply(out, show_progress=show_progress)
     run_manipulate(out)
     run_segment(out)
+    return {}

@@ -36,14 +36,14 @@ from branchspec.analysis.spectrum import (HessianOperator, density_curve, eigenv
                                           hutchinson_block_masses, hutchinson_trace, top_eigenvalues)
 from branchspec.branched import Branched
 from branchspec.devices import resolve_device
-from branchspec.errors import BranchspecError
+from branchspec import runs
+from branchspec.errors import BranchspecError, log
 from branchspec.losses import get_loss
 from branchspec.nets.perceptron import Perceptron
 from branchspec.report import build_report
 from branchspec.report.plots import heatmap, heatmap_grid, subplots
 from branchspec.rundir import RunDir, atomic_save_npz, atomic_torch_save, to_plain
-from branchspec.studies.toy import SUCCESS_THRESHOLD, ToySweepConfig, run_sweep
-from branchspec.train.toy import initial_weights, responses
+from branchspec.train.toy import SUCCESS_THRESHOLD, initial_weights, responses
 
 ANALYSES = ("hessian", "equilibrium", "spectrum")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -84,11 +84,11 @@ class HessianConfig:
     def check(self) -> "HessianConfig":
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown or not self.analyses:
-            raise BranchspecError(f"--analyses takes a comma-separated subset of {list(ANALYSES)}, got {self.analyses}.")
+            raise BranchspecError(f"`analyses` takes a comma-separated subset of {list(ANALYSES)}, got {self.analyses}.")
         if not self.checkpoints:
             raise BranchspecError("give at least one checkpoint: init, last or the path of a weights file.")
         if self.dtype not in DTYPES:
-            raise BranchspecError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+            raise BranchspecError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
         check_batchnorm_mode(self.batchnorm)
         counts = {"samples": self.samples, "spectrum_samples": self.spectrum_samples, "batch_size": self.batch_size,
                   "chunk_size": self.chunk_size, "probes": self.probes, "block_probes": self.block_probes,
@@ -112,12 +112,9 @@ class Case:
 
 # -------------------------------------------------------------------------------------------- the run types
 def _source(path: str) -> tuple[RunDir, dict]:
-    run = RunDir(path, must_exist=True)
-    raw = run.read_config()
-    if raw.get("command") not in ("toy sweep", "classify train"):
-        raise BranchspecError(f"{run.path} is neither a 'branchspec toy sweep' nor a 'branchspec classify train' "
-                              "run; give the --out of one.")
-    return run, raw
+    run = runs.open(path).expect("toy sweep", "classify train")
+    return run.dir, run.config
+
 
 
 def _toy_choice(run: RunDir, raw: dict, m: int | None, trial: int | None) -> tuple[int, int]:
@@ -128,13 +125,13 @@ def _toy_choice(run: RunDir, raw: dict, m: int | None, trial: int | None) -> tup
     if m is None:
         m = raw.get("covariance_m") if raw.get("covariance_m") in available else available[-1]
     if m not in available:
-        raise BranchspecError(f"the toy sweep has no M = {m}; choose --toy-branches from {available}.")
+        raise BranchspecError(f"the toy sweep has no M = {m}; choose `toy_branches` from {available}.")
     if trial is None:
         R = responses(weights[f"w_{m}"], weights[f"b_{m}"], np.asarray(raw["data"]["x"]), raw["training"]["slope"])
         solved = np.flatnonzero(((R.sum(1) - np.asarray(raw["data"]["y"])) ** 2).sum(-1) < SUCCESS_THRESHOLD)
         trial = int(solved[0]) if len(solved) else 0
     if not 0 <= trial < raw["trials"]:
-        raise BranchspecError(f"--toy-trial must be in 0..{raw['trials'] - 1}, got {trial}.")
+        raise BranchspecError(f"`toy_trial` must be in 0..{raw['trials'] - 1}, got {trial}.")
     return int(m), int(trial)
 
 
@@ -143,7 +140,7 @@ def _toy_weights(path: Path) -> dict[str, np.ndarray]:
         with np.load(path) as npz:
             return dict(npz)
     except (OSError, ValueError) as err:
-        raise BranchspecError(f"cannot read the toy weights {path} ({err}); give the --out of a finished toy sweep "
+        raise BranchspecError(f"cannot read the toy weights {path} ({err}); give the `out` of a finished toy sweep "
                               "or an .npz with w_<M> and b_<M> arrays.") from None
 
 
@@ -167,7 +164,7 @@ def _toy_case(run: RunDir, raw: dict, cfg: HessianConfig, checkpoint: str) -> Ca
     return Case(model, x, y, "l2")
 
 
-class Source:
+class Subject:
     """The run to analyse (a toy sweep or a classifier run); a classifier's data split is read once."""
 
     def __init__(self, cfg: HessianConfig):
@@ -182,13 +179,12 @@ class Source:
         if self.raw["command"] == "toy sweep":
             case = _toy_case(self.run, self.raw, cfg, checkpoint)
         else:
-            from branchspec.studies.classify import load_classifier, load_split  # Lightning: only when needed
-
+            run = runs.open(self.run.path)
             if self._split is None:
-                self._split = load_split(self.run, cfg.split)[:2]
+                self._split = run.data(cfg.split)[:2]
             x, y = self._split
             pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[:samples]
-            case = Case(load_classifier(self.run, checkpoint)[0], x[pick], y[pick], self.raw["loss"])
+            case = Case(run.model(checkpoint), x[pick], y[pick], self.raw["loss"])
         dtype = DTYPES[cfg.dtype]
         case.model.to(cfg.device, dtype)
         case.inputs = case.inputs.to(cfg.device, dtype)
@@ -217,17 +213,17 @@ def resolve(cfg: HessianConfig) -> HessianConfig:
 def run_hessian(cfg: HessianConfig, out: str | RunDir | None = None, *, show_progress: bool = True) -> dict:
     """Run the analyses of ``cfg`` into ``out`` (default: ``<run>/hessian``); returns the metrics."""
     cfg = resolve(cfg)
-    run = out if isinstance(out, RunDir) else RunDir(out or Path(cfg.run) / "hessian")
+    run = RunDir.of(out or Path(cfg.run) / "hessian")
     config = {"command": "hessian", **to_plain(cfg)}
     run.check_same_run(config, _RESUME_FREE, "Hessian analysis")
     run.write_config(config)
-    source = Source(cfg)
+    source = Subject(cfg)
     for checkpoint in cfg.checkpoints:
         name = _checkpoint_name(checkpoint)
         for analysis in cfg.analyses:
             if _done(run, analysis, name):
                 continue
-            print(f"[hessian] {analysis} at {name} ...", flush=True)
+            log.debug("hessian: %s at %s ...", analysis, name)  # the pieces show their own progress bars
             samples = cfg.spectrum_samples if analysis == "spectrum" else cfg.samples
             _PIECES[analysis](run, cfg, source.case(checkpoint, samples), name, show_progress)
     _figures(run, cfg)
@@ -420,36 +416,19 @@ def _figures(run: RunDir, cfg: HessianConfig) -> None:
 DEMO_TOY_BRANCHES = 10
 
 
-def _trained(path: Path, command: str, weights: str) -> bool:
-    """Whether ``path`` is a finished run of ``command`` (its config says so and its weights are there)."""
-    try:
-        return RunDir(path, must_exist=True).read_config().get("command") == command and (path / weights).is_file()
-    except BranchspecError:
-        return False
-
-
-def demo(out: RunDir, show_progress: bool = True) -> None:
-    """The Hessian part of the demo: the toy (Toy1, M = 10) and the digits classifier, at init and converged.
-
-    It analyses the runs of the demo's toy and classify parts when they are there, and otherwise makes small
-    ones of its own (a 100-trial Toy1 sweep at M = 10; the classify part's digits run, without its analysis).
-    """
-    from branchspec.studies import classify  # Lightning: only when needed
-
-    toy_run = out.path.parent / "toy" / "toy1_sweep"
-    if not _trained(toy_run, "toy sweep", "checkpoints/weights.npz"):
-        toy_run = out.path / "toy1_sweep"
-        run_sweep(ToySweepConfig(branches=[DEMO_TOY_BRANCHES], trials=100, covariance_m=DEMO_TOY_BRANCHES,
-                                 example_m=DEMO_TOY_BRANCHES), RunDir(toy_run), show_progress=show_progress)
-    run_hessian(HessianConfig(run=str(toy_run), toy_branches=DEMO_TOY_BRANCHES, dtype="float64",
+def demo(out: RunDir, show_progress: bool = True, made: dict | None = None) -> dict:
+    """The Hessian part of the demo: the toy (Toy1, M = 10) and the digits classifier, at init and converged,
+    on the runs the toy and classify parts made (``made["toy_sweep"]``, ``made["classifier"]``; the demo runs
+    those parts first)."""
+    made = made or {}
+    if "toy_sweep" not in made or "classifier" not in made:
+        raise BranchspecError("the Hessian demo analyses the toy and classify parts' runs; run those parts first.")
+    run_hessian(HessianConfig(run=str(made["toy_sweep"]), toy_branches=DEMO_TOY_BRANCHES, dtype="float64",
                               analyses=["hessian", "equilibrium", "spectrum"], probes=200, top_n=2,
                               lanczos_steps=2 * DEMO_TOY_BRANCHES, check_direct=True),
                 out.sub("toy"), show_progress=show_progress)
-    digits_run = out.path.parent / "classify"
-    if not _trained(digits_run, "classify train", f"checkpoints/{classify.WEIGHTS}"):
-        digits_run = out.path / "digits_classifier"
-        classify.run_train(classify.DEMO, RunDir(digits_run), show_progress=show_progress)
     # sized for about a minute on two CPU cores (docs/hessian.md)
-    digits = HessianConfig(run=str(digits_run), samples=64, analyses=["hessian", "equilibrium", "spectrum"],
+    digits = HessianConfig(run=str(made["classifier"]), samples=64, analyses=["hessian", "equilibrium", "spectrum"],
                            spectrum_samples=128, batch_size=128, probes=20, block_probes=2, top_n=2, lanczos_steps=20)
     run_hessian(digits, out.sub("digits"), show_progress=show_progress)
+    return {}

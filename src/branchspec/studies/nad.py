@@ -14,9 +14,6 @@ split. See docs/nad.md for the choices made where the paper is silent.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from branchspec import runs
 from branchspec.analysis import nad
 from branchspec.analysis import nad_metrics as nm
 from branchspec.devices import resolve_device
@@ -69,14 +67,14 @@ class NADConfig:
 
     def check(self) -> "NADConfig":
         if (self.run is None) == (self.model is None):
-            raise BranchspecError("give exactly one classifier: --run CLASSIFY_RUN, or --model FILE.py:FACTORY "
-                                  "with --weights and --data.")
+            raise BranchspecError("give exactly one classifier: `run` CLASSIFY_RUN, or `model` FILE.py:FACTORY "
+                                  "with `weights` and `data`.")
         if self.model is not None and self.data is None:
-            raise BranchspecError("--model needs --data (the images it classifies: 'digits', a folder or a tar).")
+            raise BranchspecError("`model` needs `data` (the images it classifies: 'digits', a folder or a tar).")
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
-            raise BranchspecError("give --mean and --std together, one value per image channel each.")
+            raise BranchspecError("give `mean` and `std` together, one value per image channel each.")
         if self.std is not None and min(self.std) <= 0:
-            raise BranchspecError(f"--std must be positive, got {self.std}.")
+            raise BranchspecError(f"`std` must be positive, got {self.std}.")
         self.search.check()
         return self
 
@@ -97,7 +95,7 @@ class EvalConfig:
 
     def check(self) -> "EvalConfig":
         if min(self.mosaics, self.top_k, self.detection_images) < 1 or self.permutations < 0:
-            raise BranchspecError("--mosaics, --top-k and --detection-images must be positive, --permutations ≥ 0.")
+            raise BranchspecError("`mosaics`, `top_k` and `detection_images` must be positive, `permutations` ≥ 0.")
         if not (0 < self.mask_rate < 1 and 0 < self.mosaic_scale <= 1):
             raise BranchspecError(f"need 0 < mask rate < 1 and 0 < mosaic scale ≤ 1, got {self.mask_rate} and "
                                   f"{self.mosaic_scale}.")
@@ -106,7 +104,7 @@ class EvalConfig:
 
 # -------------------------------------------------------------------------------------------- the source
 @dataclass
-class Source:
+class Classifier:
     """The frozen classifier and one split of its data (normalized images)."""
 
     model: nn.Module  # in eval mode; a Branched for a classify run
@@ -117,27 +115,26 @@ class Source:
     search_defaults: dict = field(default_factory=dict)  # SearchSettings defaults that depend on the classifier
 
 
-def load_source(cfg: NADConfig, split: str, show_progress: bool = False) -> Source:
+def load_source(cfg: NADConfig, split: str, show_progress: bool = False) -> Classifier:
     """The classifier of ``cfg`` and its ``split`` ("train" for the search, "test" for the evaluation)."""
     if cfg.run is not None:
-        from branchspec.studies.classify import load_classifier, load_split
-
-        model, raw = load_classifier(cfg.run, cfg.checkpoint)
+        run = runs.open(cfg.run).expect("classify train")
+        model = run.model(cfg.checkpoint)
         nad.check_layer_names(model, cfg.layers)
-        images, labels, classes = load_split(cfg.run, split, show_progress=show_progress)
-        recipe = raw.get("recipe", {})
+        images, labels, classes = run.data(split, show_progress=show_progress)
+        recipe = run.config.get("recipe", {})
         own = {"beta": RUN_BETA, "crop_padding": recipe.get("crop_padding"), "flip": recipe.get("flip")}
-        return Source(model, images, labels, classes, model.num_branches > 1, own)
+        return Classifier(model, images, labels, classes, model.num_branches > 1, own)
     from branchspec.data.images import load_images
     from branchspec.train.classify import normalize
 
-    model = load_user_model(cfg.model, cfg.weights)
+    model = runs.load_user_model(cfg.model, cfg.weights)
     nad.check_layer_names(model, cfg.layers)
     data = load_images(cfg.data, split, size=cfg.size, limit_per_class=cfg.limit_per_class,
                        show_progress=show_progress)
     mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
     if len(mean) != data.images.shape[1]:
-        raise BranchspecError(f"--mean/--std give {len(mean)} channels but the images have {data.images.shape[1]}.")
+        raise BranchspecError(f"`mean`/`std` give {len(mean)} channels but the images have {data.images.shape[1]}.")
     images = normalize(data.images, mean, std)
     with torch.no_grad():
         out = model(images[:1])
@@ -145,72 +142,14 @@ def load_source(cfg: NADConfig, split: str, show_progress: bool = False) -> Sour
     if out.dim() != 2 or out.shape[1] != len(data.classes):
         raise BranchspecError(f"the model gives outputs of shape {tuple(out.shape)} for one image, but the data has "
                               f"{len(data.classes)} classes; a classifier must give [B, {len(data.classes)}] logits.")
-    return Source(model, images, data.labels, data.classes, False)
-
-
-def load_user_model(spec: str, weights: str | None) -> nn.Module:
-    """``path/to/file.py:factory`` or ``package.module:factory`` called with no argument, weights loaded."""
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name.isidentifier():
-        raise BranchspecError(f"--model {spec!r} is not FILE.py:FACTORY or package.module:FACTORY.")
-    try:
-        if where.endswith(".py"):
-            path = Path(where)
-            if not path.is_file():
-                raise BranchspecError(f"--model: the file {path} does not exist.")
-            module_name = f"_branchspec_user_model_{abs(hash(str(path.resolve())))}"
-            loader = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[module_name] = module
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-        factory = getattr(module, name)
-        model = factory()
-    except BranchspecError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the user's code: report whatever it raised in one line
-        raise BranchspecError(f"--model {spec!r} could not be built ({type(err).__name__}: {err}).") from None
-    if not isinstance(model, nn.Module):
-        raise BranchspecError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module.")
-    if weights is not None:
-        model.load_state_dict(_read_weights(Path(weights), model))
-    return model.eval()
-
-
-def _read_weights(path: Path, model: nn.Module) -> dict:
-    if not path.is_file():
-        raise BranchspecError(f"--weights {path} does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise BranchspecError(f"cannot read --weights {path} ({type(err).__name__}); give a state dict saved with "
-                              "torch.save or safetensors.") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BranchspecError(f"--weights {path} holds a {type(state).__name__}, not a state dict.")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or extra or wrong:
-        raise BranchspecError(f"--weights {path} does not fit the model (missing {missing[:3]}, unexpected "
-                              f"{extra[:3]}, other shapes {wrong[:3]}); give the weights of this architecture.")
-    return state
+    return Classifier(model, images, data.labels, data.classes, False)
 
 
 # ---------------------------------------------------------------------------------------------- search
 _RESUME_FREE = ("device", "precision", "command", "classes_per_pass", "checkpoint_every", "source")
 
 
-def _resolve(cfg: NADConfig, source: Source) -> NADConfig:
+def _resolve(cfg: NADConfig, source: Classifier) -> NADConfig:
     """Absolute paths, the precision, and the search defaults that depend on the classifier (β, augmentation)."""
     absolute = {k: str(Path(v).resolve()) for k in ("run", "weights") if (v := getattr(cfg, k)) is not None}
     if cfg.data is not None and cfg.data != "digits":
@@ -231,7 +170,7 @@ def run_search(cfg: NADConfig, out: str | RunDir, *, show_progress: bool = True)
     """Search the sub-architectures into ``out`` (resuming a search stopped there); write masks, metrics,
     figures and the report."""
     cfg.check()
-    run = out if isinstance(out, RunDir) else RunDir(out)
+    run = RunDir.of(out)
     source = load_source(cfg, "train", show_progress)
     cfg = _resolve(cfg, source)
     device = resolve_device(cfg.device)
@@ -293,10 +232,10 @@ def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None, *, show_prog
     """Measure the sub-architectures of a search in ``out``: each one as a detector of its class, the hit rate
     per layer, the similarity, the misclassification statistic, and (branched classifiers) the branch link."""
     ecfg = (ecfg or EvalConfig()).check()
-    run = out if isinstance(out, RunDir) else RunDir(out, must_exist=True)
+    run = RunDir.of(out, must_exist=True)
     raw = run.read_config()
     if raw.get("command") != "nad search":
-        raise BranchspecError(f"{run.path} is not a 'branchspec nad search' output; give the --out of one.")
+        raise BranchspecError(f"{run.path} is not a 'branchspec nad search' output; give the `out` of one.")
     cfg = NADConfig.from_dict(raw)
     sub = nad.SubArchitectures.load(run.path)
     device = resolve_device(ecfg.device or cfg.device)
@@ -401,7 +340,7 @@ def _where(run: RunDir, model, layers, sub: nad.SubArchitectures, x: Tensor, y: 
     return nm.hit_rate_summary(hits, names)
 
 
-def _branch_link(model, source: Source, sub: nad.SubArchitectures, layers, ecfg: EvalConfig) -> dict:
+def _branch_link(model, source: Classifier, sub: nad.SubArchitectures, layers, ecfg: EvalConfig) -> dict:
     from branchspec.analysis.classify import activity, branch_outputs_in_batches, contribution_matrix
 
     outputs = branch_outputs_in_batches(model, source.images)
@@ -501,31 +440,15 @@ def _evaluation_figures(run: RunDir, metrics: dict, sub: nad.SubArchitectures, p
 
 
 # -------------------------------------------------------------------------------------------------- demo
-def find_classifier_run(root: Path) -> Path | None:
-    """A trained ``classify train`` run under ``root`` (itself or nested up to two levels), branched first."""
-    import yaml
-
-    found = []
-    for path in [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]:
-        cfg_path = path / "config.yaml"
-        if path.is_dir() and cfg_path.is_file() and (path / "checkpoints" / "weights.safetensors").is_file():
-            cfg = yaml.safe_load(cfg_path.read_text()) or {}
-            if cfg.get("command") == "classify train":
-                found.append((-int(cfg.get("branches", 1)), str(path)))
-    return Path(min(found)[1]) if found else None
-
-
-def demo(out: RunDir, show_progress: bool = True) -> None:
-    """The digits case: NAD on the demo's branched digits classifier (``<demo>/classify``), or on one trained
-    here with the same configuration (``<demo>/nad/classifier``) when the classify part did not run. The search
-    is 200 steps long, an eighth of the default, to stay near a minute on a CPU: it shows the whole pipeline,
-    but its masks are not converged (docs/results.md has the full-length search)."""
-    classifier = find_classifier_run(out.path.parent / "classify") or find_classifier_run(out.path / "classifier")
-    if classifier is None:
-        from branchspec.studies.classify import DEMO, run_train
-
-        classifier = out.sub("classifier").path
-        run_train(DEMO, classifier, show_progress=show_progress)
-    run_search(NADConfig(run=str(classifier), search=nad.SearchSettings(steps=DEMO_STEPS)), out,
+def demo(out: RunDir, show_progress: bool = True, made: dict | None = None) -> dict:
+    """The digits case: NAD on the demo's branched digits classifier (``made["classifier"]``, which the classify
+    part makes; the demo runs that part first). The search is 200 steps long, an eighth of the default, to stay
+    near a minute on a CPU: it shows the whole pipeline, but its masks are not converged (docs/results.md has the
+    full-length search)."""
+    made = made or {}
+    if "classifier" not in made:
+        raise BranchspecError("the NAD demo searches the classify part's classifier; run that part first.")
+    run_search(NADConfig(run=str(made["classifier"]), search=nad.SearchSettings(steps=DEMO_STEPS)), out,
                show_progress=show_progress)
     run_evaluate(out, show_progress=show_progress)
+    return {}

@@ -19,9 +19,8 @@ from branchspec.errors import BranchspecError
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, subplots
 from branchspec.rundir import RunDir, atomic_save_npz, to_plain
-from branchspec.train.toy import ToyTraining, gd_torch, initial_weights, responses, train_toy
+from branchspec.train.toy import SUCCESS_THRESHOLD, ToyTraining, gd_torch, initial_weights, responses, train_toy
 
-SUCCESS_THRESHOLD = 1e-4  # Sec. 4.1: a trial succeeds when Σ_j (f(x_j) − y_j)² < δ = 1e-4
 
 
 @dataclass
@@ -76,7 +75,7 @@ def _nanmean(values: np.ndarray) -> float:
 
 def run_sweep(cfg: ToySweepConfig, out: str | RunDir, *, show_progress: bool = True) -> dict:
     """Train ``cfg.trials`` models for every M, write metrics, figures and the report into ``out``."""
-    run = out if isinstance(out, RunDir) else RunDir(out)
+    run = RunDir.of(out)
     data = load_toyset(cfg.toy)
     cfg.training.check()
     run.write_config({"command": "toy sweep", **to_plain(cfg), "data": {"x": data.x, "y": data.y}})
@@ -151,11 +150,11 @@ def run_dynamics(cfg: ToyDynamicsConfig, out: str | RunDir) -> dict:
 
     A pool of ``cfg.pool`` trials is trained and the solved ones are shown first (their order is the pool's).
     """
-    run = out if isinstance(out, RunDir) else RunDir(out)
+    run = RunDir.of(out)
     data = load_toyset(cfg.toy)
     cfg.training.check()
     if min(cfg.branches, cfg.examples, cfg.record_every, cfg.pool) < 1:
-        raise BranchspecError("--branches, --examples, --pool and --record-every must be positive integers.")
+        raise BranchspecError("`branches`, `examples`, `pool` and `record_every` must be positive integers.")
     run.write_config({"command": "toy dynamics", **to_plain(cfg), "data": {"x": data.x, "y": data.y}})
     # Train a pool of trials and show the solved ones first: Fig. 2 shows how a solution is reached.
     pool = max(cfg.examples, cfg.pool)
@@ -207,8 +206,10 @@ def run_dynamics(cfg: ToyDynamicsConfig, out: str | RunDir) -> dict:
     return metrics
 
 
-def demo(out: RunDir, show_progress: bool = True) -> None:
-    """The toy part of the demo, at full size: Toy1 sweep (Fig. 3), Toy2 sweep (Fig. 4), Toy1 dynamics (Fig. 2)."""
+def demo(out: RunDir, show_progress: bool = True, made: dict | None = None) -> dict:
+    """The toy part of the demo, at full size: Toy1 sweep (Fig. 3), Toy2 sweep (Fig. 4), Toy1 dynamics (Fig. 2).
+    Returns the runs it made (``toy_sweep``: the Toy1 sweep, which covers M = 10, for the Hessian part)."""
     run_sweep(ToySweepConfig(toy="toy1"), out.sub("toy1_sweep"), show_progress=show_progress)
     run_sweep(ToySweepConfig(toy="toy2"), out.sub("toy2_sweep"), show_progress=show_progress)
     run_dynamics(ToyDynamicsConfig(), out.sub("toy1_dynamics"))
+    return {"toy_sweep": out.path / "toy1_sweep"}

@@ -195,7 +195,7 @@ class BranchedClassifier(L.LightningModule):
         self.steps_per_epoch = len(self.train_set) // (self.recipe.batch_size * world)
         if self.steps_per_epoch < 1:
             raise BranchspecError(f"{len(self.train_set)} training images make no full batch of "
-                                  f"{self.recipe.batch_size} on each of {world} devices; lower --batch-size.")
+                                  f"{self.recipe.batch_size} on each of {world} devices; lower `batch_size`.")
 
     def on_fit_start(self) -> None:
         self._images = self.train_set.images.to(self.device)

@@ -168,7 +168,7 @@ def resume_checkpoint(run: RunDir) -> Path | None:
         return path
     if problems:
         raise BranchspecError(f"no checkpoint of {run.path} can be read ({problems[0]}); start a new run with "
-                              "another --out.")
+                              "another `out`.")
     return None
 
 
@@ -240,7 +240,7 @@ def make_trainer(run: RunDir, *, max_epochs: int | None = None, max_steps: int =
     (``trainer_kwargs`` too), so DDP on several GPUs or nodes is ``devices=4, num_nodes=2, strategy="ddp"``.
     """
     if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-        raise BranchspecError("the CUDA accelerator was asked for but no GPU is visible; use --device cpu.")
+        raise BranchspecError("the CUDA accelerator was asked for but no GPU is visible; use `device` cpu.")
     if max_epochs is None and max_steps < 0:
         raise BranchspecError("give the run a length: max_epochs or max_steps.")
     check_precision(precision, accelerator)

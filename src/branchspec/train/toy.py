@@ -33,6 +33,9 @@ ENGINES = ("auto", "numba", "torch")
 _LANES = 16  # trials per numba block: one SIMD-friendly row per branch
 
 
+
+SUCCESS_THRESHOLD = 1e-4  # Sec. 4.1: a trial succeeds when Σ_j (f(x_j) − y_j)² < δ = 1e-4
+
 @dataclass
 class ToyTraining:
     """The optimization settings. Defaults: see docs/toy.md for why these values."""
@@ -44,13 +47,13 @@ class ToyTraining:
 
     def check(self) -> "ToyTraining":
         if not (np.isfinite(self.lr) and self.lr > 0):
-            raise BranchspecError(f"--lr must be a positive number, got {self.lr}.")
+            raise BranchspecError(f"`lr` must be a positive number, got {self.lr}.")
         if int(self.steps) < 0:
-            raise BranchspecError(f"--steps must be zero or more, got {self.steps}.")
+            raise BranchspecError(f"`steps` must be zero or more, got {self.steps}.")
         if not (np.isfinite(self.init_std) and self.init_std >= 0):
-            raise BranchspecError(f"--init-std must be a non-negative number, got {self.init_std}.")
+            raise BranchspecError(f"`init_std` must be a non-negative number, got {self.init_std}.")
         if not np.isfinite(self.slope):
-            raise BranchspecError(f"--slope must be a finite number, got {self.slope}.")
+            raise BranchspecError(f"`slope` must be a finite number, got {self.slope}.")
         return self
 
 
@@ -110,7 +113,7 @@ def _get_numba_kernel():
     try:
         from numba import njit, prange
     except ImportError:  # pragma: no cover - numba is a dependency
-        raise BranchspecError("the numba engine needs numba; install it or use --engine torch.") from None
+        raise BranchspecError("the numba engine needs numba; install it or use `engine` torch.") from None
 
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(params, offsets, sizes, order, x, y, lr, steps, slope, lanes):
@@ -220,9 +223,9 @@ def train_toy(data: ToySet, branches: Sequence[int], trials: int, cfg: ToyTraini
     if not branches or min(branches) < 1:
         raise BranchspecError(f"the numbers of branches must be positive integers, got {branches}.")
     if int(trials) < 1:
-        raise BranchspecError(f"--trials must be a positive integer, got {trials}.")
+        raise BranchspecError(f"`trials` must be a positive integer, got {trials}.")
     if engine not in ENGINES:
-        raise BranchspecError(f"--engine must be one of {ENGINES}, got {engine!r}.")
+        raise BranchspecError(f"`engine` must be one of {ENGINES}, got {engine!r}.")
     if engine == "auto":
         engine = "numba" if torch.device(device).type == "cpu" else "torch"
     weights = {m: initial_weights(m, int(trials), cfg.init_std, seed) for m in branches}

@@ -1,0 +1,5 @@
+"""The tests draw figures without a display."""
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
