@@ -88,4 +88,4 @@ def test_cli_runs_and_rejects_a_folder_that_is_no_run(toy_run, tmp_path):
     assert code == 0, err
     assert "block-mass ratio last:" in out
     code, out, err = run_cli("--run", str(tmp_path / "h"), "--out", str(tmp_path / "x"))
-    assert code == 2 and "neither a 'branchspec toy sweep' nor" in err and "Traceback" not in err
+    assert code == 2 and "not by `branchspec toy sweep` or" in err and "Traceback" not in err
