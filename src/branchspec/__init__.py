@@ -5,7 +5,8 @@ Branch specialization (Brokman & Gilboa, 2022) and architecture disentanglement 
 
 from branchspec.branched import Branched, BranchedOutput
 from branchspec.errors import BranchspecError
+from branchspec.parts import Parts, parts_of
 
 __version__ = "0.1.0"
 
-__all__ = ["Branched", "BranchedOutput", "BranchspecError", "__version__"]
+__all__ = ["Branched", "BranchedOutput", "BranchspecError", "Parts", "parts_of", "__version__"]

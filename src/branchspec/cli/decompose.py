@@ -117,9 +117,10 @@ def _subsets(text: str) -> list[list[int]]:
     return [_indices(part) for part in text.split(":")]
 
 
-def _train(args) -> int:
+def train_config(args):
+    """The DecomposeConfig of ``decompose train``'s arguments (scene options only with the scenes)."""
     from branchspec.nets.stargan import GeneratorConfig
-    from branchspec.studies.decompose import SCENES, DecomposeConfig, run_train
+    from branchspec.studies.decompose import SCENES, DecomposeConfig
     from branchspec.train.gan import GANRecipe
 
     scene_options = {"num_domains": args.num_domains, "num_scenes": args.num_scenes, "eval_scenes": args.eval_scenes}
@@ -139,6 +140,13 @@ def _train(args) -> int:
         iterations=args.iterations, seed=args.seed, accelerator=args.device, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every)
+    return cfg
+
+
+def _train(args) -> int:
+    from branchspec.studies.decompose import run_train
+
+    cfg = train_config(args)
     if args.seeds is not None:
         import dataclasses
 

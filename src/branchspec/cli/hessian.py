@@ -64,14 +64,11 @@ def register(sub) -> None:
     p.set_defaults(func=_hessian)
 
 
-def _hessian(args) -> int:
-    import dataclasses
-    from pathlib import Path
+def hessian_config(args):
+    """The HessianConfig of ``hessian``'s arguments."""
+    from branchspec.studies.hessian import HessianConfig
 
-    from branchspec.seeds import for_each_seed, format_interval, is_seeds_parent
-    from branchspec.studies.hessian import HessianConfig, run_hessian
-
-    cfg = HessianConfig(run=args.run, checkpoints=args.checkpoint, params=args.params, analyses=args.analyses,
+    return HessianConfig(run=args.run, checkpoints=args.checkpoint, params=args.params, analyses=args.analyses,
                         samples=args.samples, split=args.split, seed=args.seed, batchnorm=args.batchnorm,
                         device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, memory_gb=args.memory_gb,
                         pseudo_block_filters=args.pseudo_block_filters,
@@ -80,6 +77,16 @@ def _hessian(args) -> int:
                         spectrum_params=args.spectrum_params, spectrum_samples=args.spectrum_samples,
                         batch_size=args.batch_size, probes=args.probes, block_probes=args.block_probes,
                         top_n=args.top_n, lanczos_steps=args.lanczos_steps)
+
+
+def _hessian(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from branchspec.seeds import for_each_seed, format_interval, is_seeds_parent
+    from branchspec.studies.hessian import run_hessian
+
+    cfg = hessian_config(args)
     if is_seeds_parent(args.run):  # every seed's run, into RUN/seed<N>/hessian (or OUT/seed<N>), then the intervals
         summary = for_each_seed(args.run, lambda run: run_hessian(
             dataclasses.replace(cfg, run=str(run)), None if args.out is None else Path(args.out) / run.name))

@@ -92,22 +92,13 @@ def _device(p, default="auto") -> None:
 def _search(args) -> int:
     from pathlib import Path
 
-    from branchspec.analysis.nad import SearchSettings
     from branchspec.errors import BranchspecError
-    from branchspec.studies.nad import NADConfig, run_evaluate, run_search
+    from branchspec.studies.nad import run_evaluate, run_search
 
     out = args.out or (str(Path(args.run) / "nad") if args.run else None)
     if out is None:
         raise BranchspecError("--model needs --out (the folder to write the masks into).")
-    settings = SearchSettings(beta=args.beta, lr=args.lr, optimizer=args.optimizer, epochs=args.epochs,
-                              min_steps=args.min_steps, steps=args.steps, batch_size=args.batch_size,
-                              crop_padding=args.crop_padding, flip=args.flip, seed=args.seed,
-                              classes_per_pass=args.classes_per_pass)
-    cfg = NADConfig(run=args.run, checkpoint=args.checkpoint, model=args.model, weights=args.weights, data=args.data,
-                    mean=args.mean, std=args.std, size=args.size, limit_per_class=args.limit_per_class,
-                    layers=args.layers, classes=args.classes, search=settings, execution=args.execution,
-                    device=args.device, precision=args.precision)
-    sub = run_search(cfg, out)
+    sub = run_search(search_config(args), out)
     missing = sub.info["classes_without_correct"]
     print(f"wrote {out}/masks.npz, masks.json and report.html ({int(sub.searched.sum())} classes searched"
           + (f"; not searched, no correctly classified image: {missing}" if missing else "") + ")")
@@ -116,13 +107,34 @@ def _search(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    from branchspec.studies.nad import EvalConfig, run_evaluate
+def search_config(args):
+    """The NADConfig of ``nad search``'s arguments."""
+    from branchspec.analysis.nad import SearchSettings
+    from branchspec.studies.nad import NADConfig
 
-    ecfg = EvalConfig(mosaics=args.mosaics, mask_rate=args.mask_rate, mosaic_scale=args.mosaic_scale,
+    settings = SearchSettings(beta=args.beta, lr=args.lr, optimizer=args.optimizer, epochs=args.epochs,
+                              min_steps=args.min_steps, steps=args.steps, batch_size=args.batch_size,
+                              crop_padding=args.crop_padding, flip=args.flip, seed=args.seed,
+                              classes_per_pass=args.classes_per_pass)
+    return NADConfig(run=args.run, checkpoint=args.checkpoint, model=args.model, weights=args.weights, data=args.data,
+                     mean=args.mean, std=args.std, size=args.size, limit_per_class=args.limit_per_class,
+                     layers=args.layers, classes=args.classes, search=settings, execution=args.execution,
+                     device=args.device, precision=args.precision)
+
+
+def evaluate_config(args):
+    """The EvalConfig of ``nad evaluate``'s arguments."""
+    from branchspec.studies.nad import EvalConfig
+
+    return EvalConfig(mosaics=args.mosaics, mask_rate=args.mask_rate, mosaic_scale=args.mosaic_scale,
                       top_k=args.top_k, detection_images=args.detection_images, permutations=args.permutations,
                       seed=args.seed, device=args.device, precision=args.precision)
-    _report_evaluation(args.run, run_evaluate(args.run, ecfg))
+
+
+def _evaluate(args) -> int:
+    from branchspec.studies.nad import run_evaluate
+
+    _report_evaluation(args.run, run_evaluate(args.run, evaluate_config(args)))
     return 0
 
 

@@ -47,11 +47,24 @@ def _training(args):
     return ToyTraining(lr=args.lr, steps=args.steps, init_std=args.init_std, slope=args.slope).check()
 
 
-def _sweep(args) -> int:
-    from branchspec.studies.toy import ToySweepConfig, run_sweep
+def sweep_config(args):
+    from branchspec.studies.toy import ToySweepConfig
 
-    cfg = ToySweepConfig(toy=args.toy, branches=args.branches, trials=args.trials, training=_training(args),
-                         seed=args.seed, engine=args.engine)
+    return ToySweepConfig(toy=args.toy, branches=args.branches, trials=args.trials, training=_training(args),
+                          seed=args.seed, engine=args.engine)
+
+
+def dynamics_config(args):
+    from branchspec.studies.toy import ToyDynamicsConfig
+
+    return ToyDynamicsConfig(toy=args.toy, branches=args.branches, examples=args.examples, training=_training(args),
+                             seed=args.seed, record_every=args.record_every, pool=args.pool)
+
+
+def _sweep(args) -> int:
+    from branchspec.studies.toy import run_sweep
+
+    cfg = sweep_config(args)
     metrics = run_sweep(cfg, args.out)
     print(f"wrote {args.out}/metrics.json and {args.out}/report.html "
           f"(success rate at M={cfg.branches[-1]}: {metrics['success_rate'][str(cfg.branches[-1])]:.3f})")
@@ -59,10 +72,8 @@ def _sweep(args) -> int:
 
 
 def _dynamics(args) -> int:
-    from branchspec.studies.toy import ToyDynamicsConfig, run_dynamics
+    from branchspec.studies.toy import run_dynamics
 
-    cfg = ToyDynamicsConfig(toy=args.toy, branches=args.branches, examples=args.examples, training=_training(args),
-                            seed=args.seed, record_every=args.record_every, pool=args.pool)
-    run_dynamics(cfg, args.out)
+    run_dynamics(dynamics_config(args), args.out)
     print(f"wrote {args.out}/figures/fig2_dynamics.png and {args.out}/report.html")
     return 0
