@@ -140,7 +140,10 @@ def run_seeds(command: str, seeds: Iterable[int], out: str | RunDir, train: Call
 
 
 def _report(parent: RunDir, command: str, seeds: list[int]) -> None:
+    from branchspec import findings
     from branchspec.report import build_report
+
+    findings.write_parent(parent, command)
 
     build_report(parent, title=f"{command}: {len(seeds)} seeds")
 

@@ -29,6 +29,7 @@ from branchspec.analysis import classify as ac
 from branchspec.branched import Branched
 from branchspec.data.images import DIGITS, ImageSet, load_images
 from branchspec.devices import resolve_device
+from branchspec import findings
 from branchspec.errors import BranchspecError, log
 from branchspec.losses import LOSSES
 from branchspec.nets.resnet import (EXECUTIONS, PAPER_WIDTHS, FusedResNet18, as_execution, branched_resnet,
@@ -408,6 +409,7 @@ def run_analyze(run, *, checkpoint: str = "last", samples_per_class: int = 20, t
         "informative_branches": branches, "fig8_classes": [names[c] for c in chosen],
     }
     out.write_metrics(metrics, merge=False)
+    findings.write(out, "classify", run.path)
     atomic_save_npz(out.path / "branch_outputs.npz", {"branch_outputs": V.numpy(), "labels": y.numpy(),
                                                       "branch_outputs_init": V0.numpy()})
     images = (x * torch.as_tensor(raw["std"]).view(1, -1, 1, 1) + torch.as_tensor(raw["mean"]).view(1, -1, 1, 1))

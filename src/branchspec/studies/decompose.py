@@ -32,6 +32,7 @@ from branchspec.branched import EXECUTIONS as BRANCHED_EXECUTIONS
 from branchspec.branched import BranchedOutput
 from branchspec.data.domains import DomainImages, load_domains
 from branchspec.data.scenes import LAYERS, Scenes, evaluation_scenes, training_scenes
+from branchspec import findings
 from branchspec.errors import BranchspecError, log
 from branchspec.nets.diffusion import make_residual
 from branchspec.nets.stargan import Discriminator, GeneratorConfig, branched_generator
@@ -355,6 +356,7 @@ def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: 
     if features is not None or scenes is None:
         metrics.update(_frechet(run, cfg, raw, images, translated, features, classifier_steps, device, show_progress))
     target.write_metrics(metrics, merge=False)
+    findings.write(target, "decompose")
     _decomposition_figures(target, images, regenerated, translated, names, num_images)
     build_report(run, title="Class-transfer GAN")
     return metrics

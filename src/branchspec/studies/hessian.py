@@ -37,6 +37,7 @@ from branchspec.analysis.spectrum import (HessianOperator, density_curve, eigenv
 from branchspec.branched import Branched
 from branchspec.devices import resolve_device
 from branchspec import runs
+from branchspec import findings
 from branchspec.errors import BranchspecError, log
 from branchspec.losses import get_loss
 from branchspec.nets.perceptron import Perceptron
@@ -227,6 +228,7 @@ def run_hessian(cfg: HessianConfig, out: str | RunDir | None = None, *, show_pro
             samples = cfg.spectrum_samples if analysis == "spectrum" else cfg.samples
             _PIECES[analysis](run, cfg, source.case(checkpoint, samples), name, show_progress)
     _figures(run, cfg)
+    findings.write(run, "hessian")
     build_report(run, title=f"Hessian and gradients: {source.run.path.name}")
     if source.run.path in run.path.resolve().parents:  # an analysis inside its run: a section of the run's report
         build_report(source.run)

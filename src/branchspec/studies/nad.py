@@ -26,6 +26,7 @@ from branchspec import runs
 from branchspec.analysis import nad
 from branchspec.analysis import nad_metrics as nm
 from branchspec.devices import resolve_device
+from branchspec import findings
 from branchspec.errors import BranchspecError
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, image_grid, subplots
@@ -269,6 +270,7 @@ def run_evaluate(out: str | RunDir, ecfg: EvalConfig | None = None, *, show_prog
             metrics["branch_link"] = _branch_link(model, source, sub, layers, ecfg)
         _evaluation_figures(run, metrics, sub, per_layer, names)
     run.write_metrics(metrics)
+    findings.write(run, "nad")
     build_report(run, title="NAD: sub-architectures")
     return run.read_metrics()
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from branchspec.analysis.activity import active_mask, correlation, covariance, mean_abs_offdiagonal, response_norms
 from branchspec.data.toy import load_toyset
+from branchspec import findings
 from branchspec.errors import BranchspecError
 from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, subplots
@@ -99,6 +100,7 @@ def run_sweep(cfg: ToySweepConfig, out: str | RunDir, *, show_progress: bool = T
     metrics = {name: {str(m): v[name] for m, v in per_m.items()} for name in next(iter(per_m.values()))}
     metrics.update({"toy": data.name, "trials": cfg.trials, "steps": cfg.training.steps, "train_seconds": seconds})
     run.write_metrics(metrics, merge=False)
+    findings.write(run, "toy")
     _sweep_figures(run, cfg, data, trained, per_m)
     build_report(run, title=f"Toy sweep ({data.name})")
     return metrics
