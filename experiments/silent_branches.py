@@ -25,6 +25,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Event
 
 from branchspec.seeds import format_interval
 from branchspec.train.classify import Recipe, total_weight_decay
@@ -56,6 +57,9 @@ def cells():
         yield f"M{m}_{clamp}_{heads}_{sched}_{decay}", args
 
 
+STOP = Event()  # set when a cell fails or is interrupted: no further cell starts
+
+
 def run_cell(name: str, args: list[str], out: Path, seeds: str) -> str:
     exe = str(Path(sys.executable).with_name("branchspec"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -63,8 +67,12 @@ def run_cell(name: str, args: list[str], out: Path, seeds: str) -> str:
     log = (out / f"{name}.log").open("a")
     for cmd in ([exe, "classify", "train", *args, "--seeds", seeds, "--out", str(cell)],
                 [exe, "classify", "analyze", "--run", str(cell), "--top-percent", "10"]):
-        subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return name
+        if STOP.is_set():
+            return f"{name} not started (an earlier cell stopped)"
+        if subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            STOP.set()
+            return f"{name} stopped (see {out / name}.log; run the grid again to resume it)"
+    return f"done {name}"
 
 
 KEYS = {"test accuracy": "test_accuracy", "active (raw)": "analysis/num_active",
@@ -103,8 +111,8 @@ def main() -> None:
     if not args.table:
         todo = [(n, a) for n, a in cells() if not args.only or any(s in n for s in args.only.split(","))]
         with ThreadPoolExecutor(args.workers) as pool:
-            for name in pool.map(lambda c: run_cell(*c, out, args.seeds), todo):
-                print(f"done {name}", flush=True)
+            for line in pool.map(lambda c: run_cell(*c, out, args.seeds), todo):
+                print(line, flush=True)
     table(out)
 
 

@@ -1,6 +1,7 @@
 """The command line: every subcommand answers --help; bad input gets one line and a non-zero exit."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -73,3 +74,14 @@ def test_toy_sweep_from_a_user_file(tmp_path):
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["success_rate"]) == {"2", "6"} and metrics["toy"] == "pts"
+
+
+def test_the_command_line_flushes_subnormals_in_every_thread():
+    """The flag is per thread: set before torch starts its threads, a two-thread product of subnormals is 0."""
+    code = ("import torch; from branchspec.cli import _setup_process; _setup_process(); torch.set_num_threads(2); "
+            "x = torch.full((1 << 20,), 1e-39); print(int((x * 1.0).count_nonzero()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0"
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "BRANCHSPEC_KEEP_DENORMALS": "1"}).stdout
+    assert kept.strip() == str(1 << 20)

@@ -67,12 +67,14 @@ class _Stderr(__import__("logging").Handler):
 
 def _setup_process() -> None:
     """What a command-line process of branchspec sets up once: the ``branchspec`` logger printed as one line per
-    message on stderr, and freed memory kept for reuse (:func:`branchspec.devices.keep_freed_memory`; the
-    environment variable ``BRANCHSPEC_RAW_ALLOCATOR=1`` leaves the allocator alone, for benchmarks)."""
+    message on stderr, freed memory kept for reuse (:func:`branchspec.devices.keep_freed_memory`; the
+    environment variable ``BRANCHSPEC_RAW_ALLOCATOR=1`` leaves the allocator alone, for benchmarks), and
+    subnormal floats flushed to zero in every thread (:func:`branchspec.devices.flush_denormals`;
+    ``BRANCHSPEC_KEEP_DENORMALS=1`` keeps them)."""
     import logging
     import os
 
-    from branchspec.devices import keep_freed_memory
+    from branchspec.devices import flush_denormals, keep_freed_memory
     from branchspec.errors import log
 
     if not any(isinstance(h, _Stderr) for h in log.handlers):
@@ -83,6 +85,8 @@ def _setup_process() -> None:
         log.propagate = False
     if os.environ.get("BRANCHSPEC_RAW_ALLOCATOR") != "1":
         keep_freed_memory()
+    if os.environ.get("BRANCHSPEC_KEEP_DENORMALS") != "1":
+        flush_denormals()  # before torch starts its threads, which copy the flag from this one
     import matplotlib
 
     matplotlib.use("Agg")  # figures go to files; the library itself leaves the backend alone
