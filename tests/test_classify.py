@@ -205,6 +205,29 @@ def test_a_short_run_recomputes_batchnorm_statistics_and_is_not_at_chance(tmp_pa
     torch.testing.assert_close(first.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-3, rtol=0)  # batch means
 
 
+def test_a_total_weight_decay_is_reached_and_the_preset_fills_only_the_defaults(tmp_path):
+    """``total_decay`` solves the weight decay for Σ lr·wd over the run's steps (the measured metric equals it); the
+    named recipe sets the options left at their defaults, and a decay given both ways is a one-line error."""
+    from branchspec.cli import build_parser, classify
+
+    cfg = dataclasses.replace(TINY, recipe=dataclasses.replace(TINY.recipe, schedule="cosine", total_decay=0.5))
+    metrics = run_train(cfg, tmp_path / "run", show_progress=False)
+    assert metrics["total_weight_decay"] == pytest.approx(0.5, rel=1e-4)
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["recipe"]
+    assert written["total_decay"] == 0.5 and written["weight_decay"] > 0
+    assert run_train(cfg, tmp_path / "run", show_progress=False)["steps"] == metrics["steps"]  # resumes as the same run
+
+    def recipe(*argv):
+        return classify._config(build_parser().parse_args(["classify", "train", "--out", "x", *argv]), 16).recipe
+
+    assert recipe("--recipe", "paper-long") == Recipe(epochs=150, batch_size=128, lr=0.05, schedule="cosine",
+                                                      total_decay=2.0)
+    assert recipe("--recipe", "paper-long", "--epochs", "5", "--weight-decay", "0.01").epochs == 5
+    assert recipe("--recipe", "paper-long", "--weight-decay", "0.01").total_decay is None
+    with pytest.raises(BranchspecError, match="not both"):
+        recipe("--weight-decay", "0.01", "--total-weight-decay", "2")
+
+
 def test_an_image_folder_without_a_test_split(tmp_path):
     from PIL import Image
 

@@ -48,6 +48,12 @@ def _training(p) -> None:
     p.add_argument("--lr", type=finite_float, default=0.1, help="one-cycle peak learning rate (default: 0.1)")
     p.add_argument("--momentum", type=finite_float, default=0.9, help="Nesterov momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=finite_float, default=5e-4, help="weight decay (default: 5e-4)")
+    p.add_argument("--total-weight-decay", type=finite_float, default=None, metavar="TOTAL",
+                   help="solve the weight decay so that Σ lr·wd over the run is TOTAL (default: --weight-decay as given)")
+    p.add_argument("--recipe", choices=("paper-long",), default=None,
+                   help="a named recipe; options given explicitly win. paper-long: 150 epochs of cosine from lr 0.05, "
+                        "batch 128, Σ lr·wd = 2 (kuangliu/pytorch-cifar's total on CIFAR-10; the grid's recipe whose "
+                        "branches go constant, docs/results.md)")
     p.add_argument("--schedule", choices=("one-cycle", "cosine"), default="one-cycle",
                    help="learning-rate schedule: one-cycle (peak --lr after a 25%% warm-up) or cosine (from --lr to 0, "
                         "kuangliu/pytorch-cifar's) (default: one-cycle)")
@@ -85,12 +91,22 @@ def _widths(text: str) -> list[int]:
 
 
 def _config(args, branches: int):
+    import dataclasses
+
+    from branchspec.errors import BranchspecError
     from branchspec.studies.classify import ClassifyConfig
-    from branchspec.train.classify import Recipe
+    from branchspec.train.classify import PRESETS, Recipe
 
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, schedule=args.schedule, crop_padding=args.crop_padding,
-                    flip=False if args.no_flip else None)
+                    flip=False if args.no_flip else None, total_decay=args.total_weight_decay)
+    explicit_decay = args.weight_decay != Recipe().weight_decay
+    if explicit_decay and args.total_weight_decay is not None:
+        raise BranchspecError("give --weight-decay or --total-weight-decay, not both.")
+    if args.recipe:  # the preset's values for the options left at their defaults (an explicit decay included)
+        recipe = dataclasses.replace(recipe, **{k: v for k, v in PRESETS[args.recipe].items()
+                                                if getattr(recipe, k) == getattr(Recipe(), k)
+                                                and not (k == "total_decay" and explicit_decay)})
     return ClassifyConfig(data=args.data, branches=branches, widths=list(args.widths), loss=args.loss,
                           head_scale=args.head_scale, execution=args.execution, recipe=recipe, seed=args.seed,
                           size=args.size, limit_per_class=args.limit_per_class,

@@ -39,7 +39,8 @@ from branchspec.report import build_report
 from branchspec.report.plots import curves, heatmap, heatmap_grid, image_grid, subplots
 from branchspec.rundir import RunDir, atomic_save_npz, atomic_write_bytes, to_plain
 from branchspec.train.classify import (BATCHNORM_SETTLED_STEPS, BranchedClassifier, Recipe, normalize,
-                                       recalibrate_batchnorm, total_weight_decay)
+                                       recalibrate_batchnorm, total_weight_decay,
+                                       with_total_decay)
 from branchspec.train.lightning import check_precision
 
 INIT, WEIGHTS = "init.safetensors", "weights.safetensors"
@@ -194,6 +195,11 @@ def run_train(cfg: ClassifyConfig, out: str | RunDir, *, show_progress: bool = T
     asked = cfg.check().execution
     data = load_data(cfg, show_progress)
     cfg = resolve(cfg).check()
+    if cfg.recipe.total_decay is not None:  # the weight decay that reaches the total over this data's steps
+        steps = cfg.recipe.epochs * (len(data.train) // cfg.recipe.batch_size)
+        cfg = dataclasses.replace(cfg, recipe=with_total_decay(cfg.recipe, steps))
+        log.info("weight decay %g: Σ lr·wd = %g over %d steps (on one device)", cfg.recipe.weight_decay,
+                 cfg.recipe.total_decay, steps)
     if asked == "auto":
         log.info("execution %s (auto: %s)", cfg.execution, choose_execution("auto", cfg.branches, _device_type(cfg))[1])
     config = {"command": "classify train", **to_plain(cfg), "classes": data.train.classes,

@@ -14,6 +14,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
@@ -48,6 +49,7 @@ class Recipe:
     schedule: str = "one-cycle"  # "one-cycle" (peak lr after the warm-up) or "cosine" (from lr down to 0, per step)
     crop_padding: int | None = None  # random crop with this zero padding (0: none; None: 4, digits 1)
     flip: bool | None = None  # random horizontal flip (None: yes, digits no)
+    total_decay: float | None = None  # Σ_t lr_t·wd to reach over the run: weight_decay is solved for it (None: as given)
 
     def check(self) -> "Recipe":
         if self.epochs < 1 or self.batch_size < 1:
@@ -55,10 +57,29 @@ class Recipe:
         if self.schedule not in SCHEDULES:
             raise BranchspecError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 < self.warmup < 1
-                and (self.crop_padding or 0) >= 0):
+                and (self.crop_padding or 0) >= 0 and (self.total_decay is None or self.total_decay > 0)):
             raise BranchspecError(f"invalid training recipe {self}: need lr > 0, 0 ≤ momentum < 1, weight decay ≥ 0, "
-                                  "0 < warmup < 1 and crop padding ≥ 0.")
+                                  "0 < warmup < 1, crop padding ≥ 0 and a total decay > 0.")
         return self
+
+
+# Named recipes (``classify train --recipe NAME``): the options they set; options given explicitly win.
+PRESETS = {
+    # The recipe of the silent-branch grid whose branches go constant (docs/results.md, "Silent branches"): the
+    # long cosine schedule of kuangliu/pytorch-cifar (SGD, cosine from the peak to 0, batch 128) and its total
+    # weight decay: lr 0.1, 200 epochs of 391 steps, wd 5e-4 give Σ lr·wd ≈ 2 on CIFAR-10. The total, not the
+    # per-step decay, is what carries over to a data set of another size, so wd is solved for it.
+    "paper-long": {"epochs": 150, "batch_size": 128, "lr": 0.05, "schedule": "cosine", "total_decay": 2.0},
+}
+
+
+def with_total_decay(recipe: Recipe, total: int) -> Recipe:
+    """``recipe`` with its weight decay solved so that Σ_t lr_t·wd over ``total`` steps is ``recipe.total_decay``
+    (unchanged when that is None)."""
+    if recipe.total_decay is None:
+        return recipe
+    per_unit = total_weight_decay(dataclasses.replace(recipe, weight_decay=1.0), total)
+    return dataclasses.replace(recipe, weight_decay=float(f"{recipe.total_decay / per_unit:.6g}"))
 
 
 def schedule(opt: torch.optim.Optimizer, recipe: Recipe, total: int):
