@@ -154,6 +154,10 @@ def test_cli_apply_on_image_folders_scores_the_frechet_distance_against_no_trans
     assert apply["mean_frechet_distance_untranslated"] > 0 and "trained here" in apply["frechet_features"]
     assert apply["frechet_reliable"] is False and apply["frechet_images_per_domain"] == 6  # 6 images, 8+ features
     assert (run / "checkpoints" / "frechet_classifier.safetensors").is_file()
+    bands = apply["band_energy"]  # without true layers: the branches beside the frequency bands, and a finding
+    assert len(bands["branch_band_shares"]) == 3 and 0 <= bands["mean_best_dog_band_correlation"] <= 1
+    claims = [f["control"] for f in apply["findings"]]
+    assert any("DoG band" in c for c in claims) and any("untranslated" in c for c in claims)
     assert main(["decompose", "apply", "--run", str(run), "--eval-images", "6", "--classifier-steps", "5"]) == 0
     again = json.loads((run / "apply" / "metrics.json").read_text())
     assert again["frechet_features"].endswith("(cached)")  # the second apply trains no classifier

@@ -75,3 +75,20 @@ def test_the_fixed_baselines_are_decompositions(scenes):
     assert float(phi.abs().max()) > 0  # with the heat term: the scale bands of the heat equation
     scored = baselines.score(bands, layers_of(scenes))
     assert scored["candidates"] == 9 and 0 < scored["component_recovery"] < 1 and np.isfinite(scored["si_sdr"])
+
+
+def test_band_energy_shares_put_a_sinusoid_in_its_octave_and_a_dog_band_matches_itself():
+    from branchspec.analysis.baselines import band_comparison, band_energy_shares, dog_bank
+
+    x = torch.arange(32.0)
+    fine = torch.cos(2 * torch.pi * 0.4 * x).expand(1, 2, 3, 32, 32)  # 0.4 cycles/px: band 0 (≥ 1/4)
+    coarse = torch.cos(2 * torch.pi * x / 16).expand(1, 2, 3, 32, 32)  # 1/16: band 2 ([1/16, 1/8))
+    shares = band_energy_shares(torch.cat([fine, coarse, torch.zeros(1, 2, 3, 32, 32)]))
+    np.testing.assert_allclose(shares[0], [1, 0, 0, 0, 0], atol=1e-3)
+    np.testing.assert_allclose(shares[1], [0, 0, 1, 0, 0], atol=1e-3)
+    assert np.isnan(shares[2]).all()  # no energy, no spectrum
+    images = torch.randn(4, 3, 32, 32)
+    bands = dog_bank(images)[[1, 4]]
+    out = band_comparison(torch.cat([bands, torch.zeros(1, 4, 3, 32, 32)]), images)
+    np.testing.assert_allclose(out["branch_best_dog_band_correlation"][:2], 1.0, atol=1e-6)
+    assert out["mean_best_dog_band_correlation"] == pytest.approx(1.0)  # the silent branch is left out

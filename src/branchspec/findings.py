@@ -140,7 +140,7 @@ def decompose(numbers: dict, prefix: str | None = None) -> list[Finding]:
     g = lambda key: _get(numbers, prefix + key)  # noqa: E731
     rec, sdr = g("component_recovery"), g("si_sdr")
     if rec is None:
-        return []
+        return _real_decomposition(g)
     margin, sdr_margin = g("against_baselines/recovery_margin"), g("against_baselines/si_sdr_margin")
     if margin is None:
         verdict = NOT_TESTED
@@ -155,6 +155,29 @@ def decompose(numbers: dict, prefix: str | None = None) -> list[Finding]:
                     f"component recovery {_text(rec)}, SI-SDR {_text(sdr, 1)} dB" + _seed_note(rec),
                     f"the best fixed decomposition with at most M candidates: recovery lower by "
                     f"{_text(margin)}, SI-SDR lower by {_text(sdr_margin, 1)} dB (the bar: 0.10 and 3 dB)", verdict)]
+
+
+def _real_decomposition(g) -> list[Finding]:
+    """Real images have no true layers: the branches against frequency bands (are they more than a filter bank?)
+    and the translations against doing nothing (the Fréchet distance of the untranslated images)."""
+    out = []
+    band, dominant, dog = (g("band_energy/mean_best_dog_band_correlation"),
+                           g("band_energy/mean_branch_dominant_band_share"), g("band_energy/mean_dog_dominant_band_share"))
+    if band is not None:
+        verdict = NOT_REPRODUCED if band["mean"] >= 0.8 else PARTLY  # meaning is not measured: at best "partly"
+        out.append(Finding("Branched generative networks naturally decompose [...] images to meaningful channels.",
+                           "Abstract; Sec. 7, Figs. 10-11 (real images: no true layers)",
+                           f"a branch's best |corr| with one difference-of-Gaussians band {_text(band)}; share of "
+                           f"its energy in its dominant octave {_text(dominant)}" + _seed_note(band),
+                           f"a DoG band's own dominant share {_text(dog)} (a branch that is one band correlates "
+                           "≈ 1 with it)", verdict))
+    fd, untranslated = g("mean_frechet_distance"), g("mean_frechet_distance_untranslated")
+    if fd is not None and untranslated is not None:
+        out.append(Finding("Class transfer: images translated into the target domain.", "Sec. 7, Fig. 9",
+                           f"Fréchet distance of translations to real images of the target {_text(fd, 1)}"
+                           + _seed_note(fd), f"the untranslated images: {_text(untranslated, 1)}",
+                           compare(fd, untranslated, greater=False)))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- nad

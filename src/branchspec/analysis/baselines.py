@@ -86,3 +86,44 @@ def fixed_baselines(images: Tensor, train_images: Tensor, num_branches: int, *, 
     return {"dog_bank": bands, "dog_luma_chroma": luma_chroma(bands),
             "diffusion_at_init": diffusion_at_init(images, num_branches, dt=dt, heat=heat, seed=seed),
             "pca": pca_components(train_images, images, num_branches, seed=seed)}
+
+
+# ---------------------------------------------------------------------------------- more than frequency bands?
+def band_energy_shares(components: Tensor, num_bands: int = 5) -> np.ndarray:
+    """The share of each component's energy in octave bands of spatial frequency: ``components [K, N, C, H, W]``
+    -> ``[K, num_bands]``, rows summing to 1 (a component of zero energy gives a row of NaN).
+
+    Band 0 holds the radial frequencies |f| ≥ 1/4 cycle per pixel, band b those in [2^−(b+2), 2^−(b+1)), the last
+    band everything below (the mean included). Energy by Parseval, from the 2-D FFT of every image and channel.
+    """
+    x = components.detach().double()
+    h, w = x.shape[-2:]
+    power = torch.fft.fft2(x).abs().square().sum((1, 2))  # [K, H, W]
+    fy, fx = torch.fft.fftfreq(h, dtype=torch.float64), torch.fft.fftfreq(w, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    band = torch.clamp(torch.floor(-torch.log2(radius.clamp_min(1e-12))) - 2, 0, num_bands - 1).long()  # [H, W]
+    energy = torch.zeros(x.shape[0], num_bands, dtype=torch.float64).index_add_(1, band.flatten(), power.flatten(1))
+    total = energy.sum(1, keepdim=True)
+    return (energy / torch.where(total > 0, total, torch.nan)).numpy()
+
+
+def band_comparison(branch_outputs: Tensor, images: Tensor, num_bands: int = 5) -> dict:
+    """Are the branches more than frequency bands? For data without true layers (real photos), each branch
+    beside the difference-of-Gaussians bank of the same images: its share of energy per octave band
+    (:func:`band_energy_shares`), the share in its dominant band, and its best |correlation| with any one DoG
+    band (1: the branch is that band; a DoG band's own dominant share is given as the reference for what "a
+    band" looks like)."""
+    from branchspec.analysis.decompose import abs_correlation
+
+    bands = dog_bank(images)
+    shares, dog_shares = band_energy_shares(branch_outputs, num_bands), band_energy_shares(bands, num_bands)
+    best = abs_correlation(branch_outputs, bands).max(1)
+    live = np.isfinite(shares).all(1)  # a branch of zero energy has no spectrum (and correlates 0)
+    dominant = np.where(live, np.nanmax(np.where(live[:, None], shares, 0), 1), np.nan)
+    return {"band_edges_cycles_per_pixel": [2.0 ** -(b + 2) for b in range(num_bands - 1)],
+            "branch_band_shares": shares.tolist(), "dog_band_shares": dog_shares.tolist(),
+            "branch_dominant_band_share": dominant.tolist(), "dog_dominant_band_share": dog_shares.max(1).tolist(),
+            "branch_best_dog_band_correlation": best.tolist(),
+            "mean_branch_dominant_band_share": float(np.nanmean(dominant)) if live.any() else None,
+            "mean_dog_dominant_band_share": float(dog_shares.max(1).mean()),
+            "mean_best_dog_band_correlation": float(best[live].mean()) if live.any() else None}

@@ -353,6 +353,11 @@ def run_apply(run: str | RunDir, out=None, *, num_images: int = 4, eval_images: 
         metrics["against_baselines"] = beats_baselines(metrics, metrics["baselines"], cfg.branches)
     metrics["structure_fidelity"] = {f"{names[a]}->{names[b]}": structure_fidelity(images[a], t)
                                      for (a, b), t in translated.items()}
+    from branchspec.analysis.baselines import band_comparison
+
+    few = slice(0, 128)  # the frequency bands: of up to 128 images per domain, all domains pooled
+    metrics["band_energy"] = band_comparison(
+        torch.cat([r.branch_outputs[:, few] for r in regenerated], 1), torch.cat([x[few] for x in images]))
     if features is not None or scenes is None:
         metrics.update(_frechet(run, cfg, raw, images, translated, features, classifier_steps, device, show_progress))
     target.write_metrics(metrics, merge=False)
