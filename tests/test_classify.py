@@ -205,6 +205,14 @@ def test_a_short_run_recomputes_batchnorm_statistics_and_is_not_at_chance(tmp_pa
     torch.testing.assert_close(first.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-3, rtol=0)  # batch means
 
 
+def test_experts_per_class_counts_the_branches_that_share_a_class():
+    contribution = torch.tensor([[1.0, 0.0, 0.5], [0.05, 2.0, 0.5], [0.0, 0.0, 0.0]])  # branch 2 silent everywhere
+    out = ac.experts_per_class(contribution)
+    assert out["branches_per_class"] == [1, 1, 2] and out["mean_branches_per_class"] == pytest.approx(4 / 3)
+    assert out["silent_class_share"][:2] == pytest.approx([1 / 3, 1 / 3]) and math.isnan(out["silent_class_share"][2])
+    assert out["mean_silent_class_share"] == pytest.approx(1 / 3)
+
+
 def test_a_total_weight_decay_is_reached_and_the_preset_fills_only_the_defaults(tmp_path):
     """``total_decay`` solves the weight decay for Σ lr·wd over the run's steps (the measured metric equals it); the
     named recipe sets the options left at their defaults, and a decay given both ways is a one-line error."""

@@ -109,6 +109,14 @@ def classify(numbers: dict, prefix: str | None = None) -> list[Finding]:
         out.append(Finding("Branches differ by the classes they specialize in.", "Sec. 6, Figs. 6-7",
                            f"share of a class's positive contribution carried by its top branch {_text(share)}"
                            + _seed_note(share), f"at initialization {_text(share0)}", compare(share, share0)))
+    per_class, per_class0 = g("mean_branches_per_class"), g("mean_branches_per_class_at_init")
+    if per_class is not None:
+        out.append(Finding("The networks tend not to share ROS's. That is, in each ROS very few networks are active "
+                           "(and often only a single one is active).", "Sec. 4, observations 2-3 (a class as the ROS)",
+                           f"branches active in a class (≥ 10% of its top contributor) {_text(per_class, 2)}; share "
+                           f"of the classes in which a branch is silent {_text(g('mean_silent_class_share'))}"
+                           + _seed_note(per_class), f"at initialization {_text(per_class0, 2)} branches per class",
+                           compare(per_class, per_class0, greater=False)))
     return out
 
 

@@ -78,6 +78,26 @@ def top_branch_share(contribution: Tensor) -> Tensor:
     return positive.amax(0) / positive.sum(0).clamp_min(1e-12)
 
 
+def experts_per_class(contribution: Tensor, threshold: float = 0.1) -> dict:
+    """Observations 2 and 3 of Sec. 4, with the 10% rule of Fig. 4 applied within each class (a class is a region
+    of specialization): branch k is *active in class c* when its contribution (``contribution [M, C]``, positive
+    part) is at least ``threshold`` of class c's largest.
+
+    Returns ``branches_per_class`` ``[C]`` (how many branches share each class: 1 when a single expert carries
+    it) and its mean, and ``silent_class_share`` ``[M]``: the share of the classes in which each branch is not
+    active (NaN for a branch active in no class), with its mean over the branches active somewhere.
+    """
+    positive = contribution.clamp_min(0)
+    active = positive >= threshold * positive.amax(0, keepdim=True).clamp_min(1e-12)  # [M, C]
+    active &= positive > 0
+    anywhere = active.any(1)
+    silent_share = torch.where(anywhere, 1 - active.double().mean(1), torch.full_like(anywhere, float("nan"),
+                                                                                      dtype=torch.float64))
+    return {"branches_per_class": active.sum(0).tolist(), "mean_branches_per_class": float(active.sum(0).double().mean()),
+            "silent_class_share": silent_share.tolist(),
+            "mean_silent_class_share": float(silent_share[anywhere].mean()) if anywhere.any() else float("nan")}
+
+
 def response_rows(branch_outputs: Tensor) -> np.ndarray:
     """F_k = v_k over every sample and class as one row per branch (Sec. 4.1's F, for vector outputs)."""
     return branch_outputs.reshape(branch_outputs.shape[0], -1).double().numpy()

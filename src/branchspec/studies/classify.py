@@ -392,6 +392,7 @@ def run_analyze(run, *, checkpoint: str = "last", samples_per_class: int = 20, t
     contrib = ac.contribution_matrix(V, y, C)
     abl = ac.ablation(V, y)
     branches = _informative(act, min(top_branches, cfg.branches))
+    contrib0 = ac.contribution_matrix(V0, y, C)
     chosen = [names.index(c) for c in classes] if classes else _distributed_classes(contrib, min(3, C))
     sample = ac.sample_per_class(y, samples_per_class, seed)
     metrics = {
@@ -410,7 +411,10 @@ def run_analyze(run, *, checkpoint: str = "last", samples_per_class: int = 20, t
         "covariance": act["covariance"],
         "contribution": contrib,
         "mean_top_branch_share": float(ac.top_branch_share(contrib).mean()),
-        "mean_top_branch_share_at_init": float(ac.top_branch_share(ac.contribution_matrix(V0, y, C)).mean()),
+        "mean_top_branch_share_at_init": float(ac.top_branch_share(contrib0).mean()),
+        # observations 2 and 3: how many branches share a class, and in how many classes a branch is silent
+        **{k: v for k, v in ac.experts_per_class(contrib).items() if k.startswith("mean_")},
+        **{f"{k}_at_init": v for k, v in ac.experts_per_class(contrib0).items() if k.startswith("mean_")},
         "accuracy_without_branch": abl["without"], "accuracy_branch_alone": abl["alone"],
         "informative_branches": branches, "fig8_classes": [names[c] for c in chosen],
     }
