@@ -69,6 +69,11 @@ def test_two_seeds_give_sub_runs_and_intervals_and_a_killed_run_resumes(tmp_path
     assert "seed0" in (out / "report.html").read_text()
     assert main(["classify", "train", *TINY, "--seeds", "1", "--out", str(out)]) == 2  # dropping a seed: refused
     assert "give them all" in capsys.readouterr().err
+    assert main(["nad", "search", "--run", str(out), "--steps", "3", "--batch-size", "4", "--evaluate"]) == 0
+    parent = json.loads((out / "metrics.json").read_text())
+    assert (out / "seed1" / "nad" / "masks.npz").is_file()
+    assert parent["summary"]["nad/misclassification/chance"]["n"] == 2  # both seeds searched and evaluated
+    assert any(f["source"].startswith("NAD") for f in parent["findings"])
 
 
 def test_aggregate_skips_missing_numbers(tmp_path):

@@ -259,7 +259,7 @@ def write(run, kind: str, source: str | Path | None = None) -> list[dict]:
 
 KINDS = {"classify": classify, "hessian": hessian, "decompose": decompose, "nad": nad, "toy": toy}
 # the findings of a multi-seed parent, by the command of its runs: (kind, where its numbers are in a run)
-COMMANDS = {"classify train": [("classify", "analysis/"), ("hessian", "hessian/")],
+COMMANDS = {"classify train": [("classify", "analysis/"), ("hessian", "hessian/"), ("nad", "nad/")],
             "decompose train": [("decompose", "apply/")]}
 
 

@@ -90,11 +90,28 @@ def _device(p, default="auto") -> None:
 
 
 def _search(args) -> int:
+    import dataclasses
     from pathlib import Path
 
     from branchspec.errors import BranchspecError
     from branchspec.studies.nad import run_evaluate, run_search
 
+    from branchspec.seeds import for_each_seed, format_interval, is_seeds_parent
+
+    if args.run and is_seeds_parent(args.run):  # every seed's classifier, into RUN/seed<N>/nad (or OUT/seed<N>)
+        cfg = search_config(args)
+
+        def one(run):
+            out = Path(args.out) / run.name if args.out else run / "nad"
+            run_search(dataclasses.replace(cfg, run=str(run)), out)
+            if args.evaluate:
+                run_evaluate(out)
+
+        summary = for_each_seed(args.run, one)
+        hit = summary.get("nad/hit_rate/last3_mean")
+        print(f"wrote {args.run}/report.html" + (f" (hit rate of the last 3 layers {format_interval(hit)})"
+                                                  if hit else ""))
+        return 0
     out = args.out or (str(Path(args.run) / "nad") if args.run else None)
     if out is None:
         raise BranchspecError("--model needs --out (the folder to write the masks into).")
@@ -132,8 +149,16 @@ def evaluate_config(args):
 
 
 def _evaluate(args) -> int:
+    from pathlib import Path
+
+    from branchspec.seeds import for_each_seed, is_seeds_parent
     from branchspec.studies.nad import run_evaluate
 
+    if is_seeds_parent(args.run):  # a classifier's seeds parent searched by `nad search`: every seed's RUN/seed<N>/nad
+        cfg = evaluate_config(args)
+        for_each_seed(args.run, lambda run: run_evaluate(Path(run) / "nad", cfg))
+        print(f"wrote {args.run}/report.html")
+        return 0
     _report_evaluation(args.run, run_evaluate(args.run, evaluate_config(args)))
     return 0
 

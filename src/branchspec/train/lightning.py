@@ -196,6 +196,9 @@ class ProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        # Lightning's loop state, the one place that knows the batches done in a resumed epoch; not in its
+        # documented API: tests/test_train_lightning.py::test_progress_bar_knows_its_length_after_a_mid_epoch_resume
+        # fails if it changes.
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if done and not self.train_progress_bar.disable:
             bar, total = self.train_progress_bar, self.total_train_batches
