@@ -92,7 +92,7 @@ def table(out: Path) -> None:
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| cell | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(format_interval(v, 3 if "norm" in k or "acc" in k else 2)
+        lines.append(f"| {name} | " + " | ".join(format_interval(v, 3 if "norm" in k or "acc" in k or "wd" in k else 2)
                                                if v else "–" for k, v in row.items()) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
