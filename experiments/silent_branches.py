@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,17 @@ KEYS = {"test accuracy": "test_accuracy", "active (raw)": "analysis/num_active",
         "silent (raw)": "analysis/num_silent", "active (centred)": "analysis/num_active_centred",
         "silent (centred)": "analysis/num_silent_centred", "constant": "analysis/num_constant",
         "min/max norm (raw)": "analysis/norm_ratio_min", "min/max norm (centred)": "analysis/centred_norm_ratio_min",
-        "Σ lr·wd": "total_weight_decay"}
+        "mean |corr| (at init)": ("analysis/mean_abs_offdiagonal_correlation",
+                                  "analysis/mean_abs_offdiagonal_correlation_at_init"),
+        "top-branch share (at init)": ("analysis/mean_top_branch_share", "analysis/mean_top_branch_share_at_init"),
+        "branches per class": "analysis/mean_branches_per_class", "Σ lr·wd": "total_weight_decay"}
+
+
+def cell_text(label: str, value) -> str:
+    digits = 3 if "norm" in label or "acc" in label or "wd" in label else 2
+    if isinstance(value, tuple):  # trained (at initialization)
+        return f"{cell_text(label, value[0])} ({cell_text(label, value[1])})"
+    return re.sub(r" \(n = \d+\)", "", format_interval(value, digits)) if value else "–"  # n: the table's note
 
 
 def table(out: Path) -> None:
@@ -88,12 +99,16 @@ def table(out: Path) -> None:
         path = out / name / "metrics.json"
         if path.is_file():
             summary = json.loads(path.read_text()).get("summary", {})
-            rows[name] = {label: summary.get(key) for label, key in KEYS.items()}
+            rows[name] = {label: tuple(summary.get(k) for k in key) if isinstance(key, tuple) else summary.get(key)
+                          for label, key in KEYS.items()}
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| cell | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(format_interval(v, 3 if "norm" in k or "acc" in k or "wd" in k else 2)
-                                               if v else "–" for k, v in row.items()) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell_text(k, v) for k, v in row.items()) + " |")
+    lines.append("")
+    lines.append("Each cell: the mean and 95% interval over the seeds (n = " +
+                 ", ".join(sorted({str(v["n"]) for row in rows.values() for v in row.values() if isinstance(v, dict)})) +
+                 "), a t interval; in parentheses after a value, the same at initialization.")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

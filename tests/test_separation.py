@@ -43,6 +43,16 @@ def test_a_permuted_separation_is_matched_back_and_a_scale_changes_nothing(scene
     assert noise["si_sdr"] < -10  # noise explains nothing
 
 
+def test_an_estimate_of_zero_energy_scores_the_lower_cap_not_zero_db(scenes):
+    """0/0 would read 0 dB, better than most real estimates: a decomposition of silent branches (the diffusion's
+    φ_k at initialization) must not look like a good one."""
+    truth = torch.stack([scenes.layers[n] for n in LAYERS])
+    silent = separation_scores(torch.zeros(9, *truth.shape[1:]), layers_of(scenes))
+    assert silent["si_sdr"] == -SDR_CAP_DB and silent["si_sir"] == -SDR_CAP_DB
+    one = si_sdr_scores(np.stack([np.zeros(50), np.arange(50.0)]), np.arange(50.0)[None])
+    assert one["si_sdr"][0, 0] == -SDR_CAP_DB and one["si_sdr"][1, 0] == SDR_CAP_DB
+
+
 def test_si_bss_eval_agrees_with_fast_bss_eval():
     fast_bss_eval = pytest.importorskip("fast_bss_eval")
     rng = np.random.default_rng(0)

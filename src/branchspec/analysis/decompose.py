@@ -129,7 +129,8 @@ def si_sdr_scores(estimates: np.ndarray, references: np.ndarray) -> dict[str, np
     span of the *other* references; the artifacts, the rest. SI-SDR = 10 log10 ‖target‖²/‖e − target‖², SI-SIR
     = 10 log10 ‖target‖²/‖interference‖², SI-SAR = 10 log10 ‖target + interference‖²/‖artifacts‖² (BSS Eval's
     definitions, checked against ``fast_bss_eval`` in the tests), each ``[K, J]``, capped at
-    ±:data:`SDR_CAP_DB`. A reference of zero energy gives NaN in its column."""
+    ±:data:`SDR_CAP_DB`. A reference of zero energy gives NaN in its column; an estimate of zero energy (a branch
+    that outputs nothing) recovers nothing and scores −:data:`SDR_CAP_DB` in its row (0/0 would otherwise read 0 dB)."""
     E = np.asarray(estimates, dtype=np.float64)
     S = np.asarray(references, dtype=np.float64)
     E = E - E.mean(1, keepdims=True)
@@ -147,8 +148,9 @@ def si_sdr_scores(estimates: np.ndarray, references: np.ndarray) -> dict[str, np
     sdr = db(t2, ((E[:, None] - target) ** 2).sum(-1))
     sir = db(t2, ((proj[:, None] - target) ** 2).sum(-1))
     sar = db((proj ** 2).sum(-1), ((E - proj) ** 2).sum(-1))[:, None].repeat(S.shape[0], 1)
-    bad = ~(energy > 0)
+    bad, silent = ~(energy > 0), ~((E * E).sum(1) > 0)
     for a in (sdr, sir, sar):
+        a[silent] = -SDR_CAP_DB
         a[:, bad] = np.nan
     return {"si_sdr": sdr, "si_sir": sir, "si_sar": sar}
 
