@@ -243,3 +243,26 @@ def test_a_run_of_another_command_is_named(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("command: classify train\n")
     assert main(["decompose", "apply", "--run", str(tmp_path)]) == 2
     assert "made by `branchspec classify train`" in capsys.readouterr().err
+
+
+def test_the_shipped_generator_loads_and_decomposes_a_scene(tmp_path):
+    """The demo's trained generator (≤ 5 MB, with its command and scores): it loads as a run would, and its
+    branches sum with R to the re-generation of a held-out scene."""
+    from branchspec.data.scenes import evaluation_scenes
+    from branchspec.rundir import RunDir
+    from branchspec.studies.decompose import SHIPPED, load_generator
+
+    weights = SHIPPED / "generator_ema.safetensors"
+    assert weights.stat().st_size <= 5 * 2**20
+    assert "decompose train" in (SHIPPED / "README.md").read_text()
+    run = RunDir(tmp_path / "shipped")
+    run.checkpoints.mkdir(parents=True)
+    (run.path / "config.yaml").write_bytes((SHIPPED / "config.yaml").read_bytes())
+    (run.checkpoints / "generator_ema.safetensors").write_bytes(weights.read_bytes())
+    generator, cfg, _ = load_generator(run)
+    assert cfg.generator.img_size == 32 and cfg.branches == 9
+    scenes = evaluation_scenes(2, size=cfg.generator.img_size, num_domains=2, seed=0)[0]
+    with torch.no_grad():
+        out = generator.decompose(scenes.images, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(out.total, out.residual + out.branch_outputs.sum(0), atol=1e-5, rtol=0)
+    assert out.branch_outputs.flatten(1).std(1).min() > 0  # no branch is blank
