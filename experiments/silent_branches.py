@@ -102,7 +102,7 @@ def table(out: Path) -> None:
             rows[name] = {label: tuple(summary.get(k) for k in key) if isinstance(key, tuple) else summary.get(key)
                           for label, key in KEYS.items()}
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| cell | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
+    lines = ["| cell | " + " | ".join(k.replace("|", "\\|") for k in KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell_text(k, v) for k, v in row.items()) + " |")
     lines.append("")
